@@ -1,0 +1,1 @@
+"""composer-pike: PiKE adaptive data mixing for MosaicML Composer over mosaicml-streaming domains."""
