@@ -260,7 +260,7 @@ class MixturePlanner:
                 order = self._order(k)
                 start = int(self.cursors[k])
                 got = min(need, len(order) - start)
-                indices.append(order[start:start + got])
+                indices.append(order[start:start + got].copy())  # the buffer is refilled on wrap
                 domains.append(np.full(got, k, dtype=np.int64))
                 self.cursors[k] += got
                 need -= got
