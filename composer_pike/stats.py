@@ -1,0 +1,333 @@
+"""Per-domain gradient statistics for PiKE (PIKE_MATH.md section 7).
+
+For every domain k the probe runs M chunk micro-batches of m samples each and reads the
+chunk-mean gradients ghat_1..ghat_M. From S = sum_i ghat_i and Q = sum_i ||ghat_i||^2:
+
+    G_k       = (||S||^2 - Q) / (M (M - 1))        unbiased for ||grad L_k||^2
+    sigma_k^2 = m (Q - ||S||^2 / M) / (M - 1)      unbiased for the per-sample variance trace
+
+(McCandlish et al. 2018, App. A.1, with B_small = m and B_big = M m.)
+
+Only one gradient-sized buffer (S, shaped like the *local* gradients) is kept and reused for
+every domain. Squared norms and inner products are additive over disjoint shards, so under
+FSDP each rank keeps its local partial sums and ``finalize`` adds them with one all-reduce.
+
+Conflict monitor (optional): cosines between the domain gradients without K gradient buffers.
+At the end of each domain the accumulator keeps every s-th coordinate of S (the concatenated
+local gradient vector, from a random offset in [0, s) drawn once per probe), so each
+coordinate is kept with probability 1/s and s <sub_j, sub_k> is unbiased for <S_j, S_k>. For
+j != k the domains' samples are independent, so E <S_j, S_k> = M^2 <grad L_j, grad L_k>: the
+numerator is unbiased; dividing by sqrt(G_j G_k) makes the cosine consistent, not unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+from torch.distributed.tensor import DTensor
+
+LAYOUTS = ("replicated", "sharded")
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_gradient(param: torch.Tensor) -> torch.Tensor | None:
+    """``param.grad`` as a plain tensor holding this rank's part of the gradient.
+
+    FSDP2 gradients are DTensors (Shard(0)) and become their local shard; FSDP1
+    (use_orig_params) and DDP gradients already are plain tensors. Returns None when the
+    parameter has no gradient or this rank's shard is empty.
+    """
+    if param.grad is None:
+        return None
+    grad = _local_tensor(param.grad)
+    return grad if grad.numel() > 0 else None
+
+
+def gradient_layout(model: torch.nn.Module) -> str:
+    """'sharded' if gradients are split across ranks (FSDP1 or FSDP2), else 'replicated'.
+
+    FSDP1 counts as sharded unless it uses ShardingStrategy.NO_SHARD; FSDP2 is recognised by
+    its DTensor parameters, assumed to be disjoint shards (tensor-parallel Replicate
+    placements are not supported). Plain modules and DDP hold the full gradient on every rank.
+    """
+    for module in model.modules():
+        if (
+            isinstance(module, FullyShardedDataParallel)
+            and module.sharding_strategy != ShardingStrategy.NO_SHARD
+        ):
+            return "sharded"
+    if any(isinstance(param, DTensor) for param in model.parameters()):
+        return "sharded"
+    return "replicated"
+
+
+def estimate_from_sums(
+    sum_sq_of_sum: torch.Tensor,
+    sum_of_sq: torch.Tensor,
+    *,
+    num_chunks: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased (G, sigma^2) per domain from ||S||^2 and Q = sum_i ||ghat_i||^2.
+
+    Args:
+        sum_sq_of_sum: (K,) squared norm of S, the sum of the M chunk-mean gradients.
+        sum_of_sq: (K,) sum over chunks of the squared chunk-mean gradient norms.
+        num_chunks: M, chunks per domain (at least 2).
+        chunk_size: m, samples per chunk.
+
+    Returns:
+        (G, sigma2), float64 of shape (K,): G estimates ||grad L_k||^2 (squared gradient norm,
+        may be negative) and sigma2 the per-sample gradient variance trace.
+    """
+    if num_chunks < 2:
+        raise ValueError(f"need at least 2 chunks per domain for the variance, got {num_chunks}")
+    sum_sq_of_sum = torch.as_tensor(sum_sq_of_sum, dtype=torch.float64)
+    sum_of_sq = torch.as_tensor(sum_of_sq, dtype=torch.float64)
+    grad_sq_norms = (sum_sq_of_sum - sum_of_sq) / (num_chunks * (num_chunks - 1))
+    spread = sum_of_sq - sum_sq_of_sum / num_chunks  # sum_i ||ghat_i - S / M||^2
+    per_sample_variances = chunk_size * spread / (num_chunks - 1)
+    return grad_sq_norms, per_sample_variances
+
+
+def pairwise_cosines(
+    cross_sums: torch.Tensor, grad_sq_norms: torch.Tensor, *, num_chunks: int
+) -> torch.Tensor:
+    """Cosines between domain gradients, (K, K) float64.
+
+    ``cross_sums[j, k]`` estimates <S_j, S_k>; for j != k the two sums come from independent
+    samples, so <S_j, S_k> / M^2 is unbiased for <grad L_j, grad L_k>. Dividing by
+    sqrt(G_j G_k) makes the cosine consistent (not unbiased; values may leave [-1, 1] through
+    noise). Entries with G_j <= 0 or G_k <= 0 are NaN; the diagonal is 1.
+    """
+    cross_sums = torch.as_tensor(cross_sums, dtype=torch.float64)
+    grad_norms = torch.as_tensor(grad_sq_norms, dtype=torch.float64).clamp(min=0).sqrt()
+    norm_products = torch.outer(grad_norms, grad_norms)
+    inner_products = cross_sums / num_chunks**2
+    cosines = torch.where(norm_products > 0, inner_products / norm_products, math.nan)
+    cosines.fill_diagonal_(1.0)
+    return cosines
+
+
+@dataclass
+class GradientStatistics:
+    """Result of one probe; identical on every rank, float64 tensors on the CPU."""
+
+    grad_sq_norms: torch.Tensor  # (K,) unbiased ||grad L_k||^2, raw (may be negative)
+    per_sample_variances: torch.Tensor  # (K,) per-sample gradient variance trace sigma_k^2
+    chunk_grad_sq_norms: torch.Tensor  # (K, M) squared norms of the chunk-mean gradients
+    cosines: torch.Tensor | None  # (K, K) conflict monitor, None when disabled
+    num_chunks: int
+    chunk_size: int
+
+    def noise_scale(self) -> torch.Tensor:
+        """Gradient noise scale sigma^2 / G per domain, in samples (McCandlish B_simple)."""
+        tiny = torch.finfo(torch.float64).tiny
+        return self.per_sample_variances / self.grad_sq_norms.clamp(min=tiny)
+
+
+class GradientStatsAccumulator:
+    """Accumulates chunk-mean gradients domain by domain; see the module docstring.
+
+    Usage per probe: for each domain ``begin_domain(k)``, then after every chunk's backward
+    ``add_chunk()``, then ``end_domain()``; finally ``finalize()``. ``finalize`` resets the
+    accumulator, so it may be reused for the next probe (with a fresh sketch offset).
+
+    Args:
+        params: the trainable parameters (plain, FSDP1 flat-shard views, or FSDP2 DTensors).
+        num_domains: K.
+        chunk_size: m, global samples per chunk (used for the per-sample variance).
+        conflict_sketch_size: about how many gradient coordinates per domain the conflict
+            monitor keeps (0 disables it).
+        seed: seeds the sketch offsets; must be the same on every rank.
+        layout: 'sharded' if each rank holds a disjoint part of the gradient (FSDP), else
+            'replicated'; see ``gradient_layout``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        num_domains: int,
+        *,
+        chunk_size: int,
+        conflict_sketch_size: int = 0,
+        seed: int = 0,
+        layout: str = "replicated",
+    ) -> None:
+        if num_domains < 1 or chunk_size < 1 or conflict_sketch_size < 0:
+            raise ValueError(
+                "need num_domains >= 1, chunk_size >= 1 and conflict_sketch_size >= 0, got "
+                f"{num_domains}, {chunk_size}, {conflict_sketch_size}"
+            )
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.num_domains = num_domains
+        self.chunk_size = chunk_size
+        self.conflict_sketch_size = conflict_sketch_size
+        self.layout = layout
+
+        params = list(params)
+        local_params = [_local_tensor(param) for param in params]
+        self._device = local_params[0].device if local_params else torch.device("cpu")
+        has_float64 = any(local.dtype == torch.float64 for local in local_params)
+        self._accum_dtype = torch.float64 if has_float64 else torch.float32
+        # Parameters whose local shard is empty contribute nothing on this rank.
+        self._params = [p for p, local in zip(params, local_params) if local.numel() > 0]
+        self._sum_buffers = [
+            torch.zeros(local.shape, dtype=self._accum_dtype, device=local.device)
+            for local in local_params
+            if local.numel() > 0
+        ]
+        local_numel = sum(buffer.numel() for buffer in self._sum_buffers)
+        self._sketch_stride = (
+            max(1, math.ceil(local_numel / conflict_sketch_size)) if conflict_sketch_size else 1
+        )
+        self._generator = torch.Generator().manual_seed(seed)
+        self._start_cycle()
+
+    def _start_cycle(self) -> None:
+        """Forget all domains and draw the sketch offset for the next probe."""
+        self._current_domain: int | None = None
+        self._current_chunk_sq_norms: list[torch.Tensor] = []
+        self._chunk_sq_norms: dict[int, torch.Tensor] = {}
+        self._sum_sq_norms: dict[int, torch.Tensor] = {}
+        if self.conflict_sketch_size == 0:
+            self._sketch = None
+            return
+        offset = int(torch.randint(self._sketch_stride, (1,), generator=self._generator))
+        self._sketch_views = []
+        start = 0
+        for buffer in self._sum_buffers:
+            first = (offset - start) % self._sketch_stride
+            self._sketch_views.append(buffer.view(-1)[first :: self._sketch_stride])
+            start += buffer.numel()
+        sketch_length = sum(view.numel() for view in self._sketch_views)
+        self._sketch = torch.zeros(
+            self.num_domains, sketch_length, dtype=self._accum_dtype, device=self._device
+        )
+
+    def _sum_of_squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """sum_t ||t||^2 as a float64 scalar on the accumulator's device (no host sync)."""
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=self._device)
+        norms = torch._foreach_norm(tensors, 2, dtype=self._accum_dtype)
+        return torch.stack(norms).double().square().sum()
+
+    def begin_domain(self, domain: int) -> None:
+        """Start collecting the chunks of ``domain``; zeroes the running sum S."""
+        if self._current_domain is not None:
+            raise RuntimeError(
+                f"begin_domain({domain}) called while domain {self._current_domain} is open; "
+                "call end_domain() first"
+            )
+        if not 0 <= domain < self.num_domains:
+            raise RuntimeError(
+                f"domain {domain} is out of range: the accumulator was built for "
+                f"num_domains={self.num_domains}"
+            )
+        if domain in self._sum_sq_norms:
+            raise RuntimeError(f"domain {domain} was already collected in this probe")
+        torch._foreach_zero_(self._sum_buffers)
+        self._current_domain = domain
+        self._current_chunk_sq_norms = []
+
+    def add_chunk(self) -> None:
+        """Read the current gradients (one chunk-mean gradient) and add them to S.
+
+        Parameters without a gradient count as zero.
+        """
+        if self._current_domain is None:
+            raise RuntimeError("add_chunk() called before begin_domain()")
+        grads, buffers = [], []
+        for index, (param, buffer) in enumerate(zip(self._params, self._sum_buffers)):
+            grad = local_gradient(param)
+            if grad is None:
+                continue
+            if grad.shape != buffer.shape:
+                raise RuntimeError(
+                    f"local gradient of parameter {index} has shape {tuple(grad.shape)}, but the "
+                    f"accumulator was built for {tuple(buffer.shape)}; build it while the "
+                    "parameters are in their sharded (training-time) layout"
+                )
+            grads.append(grad)
+            buffers.append(buffer)
+        self._current_chunk_sq_norms.append(self._sum_of_squares(grads))
+        if grads:
+            torch._foreach_add_(buffers, grads)
+
+    def end_domain(self) -> None:
+        """Close the open domain: store ||S||^2 (local part) and its sketch."""
+        domain = self._current_domain
+        if domain is None:
+            raise RuntimeError("end_domain() called without an open domain")
+        num_chunks = len(self._current_chunk_sq_norms)
+        if num_chunks == 0:
+            raise RuntimeError(f"end_domain() called for domain {domain} without any add_chunk()")
+        if self._chunk_sq_norms:
+            expected = len(next(iter(self._chunk_sq_norms.values())))
+            if num_chunks != expected:
+                raise RuntimeError(
+                    f"domain {domain} has {num_chunks} chunks but earlier domains have "
+                    f"{expected}; every domain needs the same number of chunks"
+                )
+        self._chunk_sq_norms[domain] = torch.stack(self._current_chunk_sq_norms)
+        self._sum_sq_norms[domain] = self._sum_of_squares(self._sum_buffers)
+        if self._sketch is not None and self._sketch_views:
+            torch.cat(self._sketch_views, out=self._sketch[domain])
+        self._current_domain = None
+
+    def finalize(self, process_group: dist.ProcessGroup | None = None) -> GradientStatistics:
+        """Combine all domains into ``GradientStatistics`` and reset for the next probe.
+
+        With layout 'sharded' and torch.distributed initialised, the local partial sums are
+        added across ``process_group`` (the shard group; None = world) by one all-reduce.
+        """
+        missing = [k for k in range(self.num_domains) if k not in self._sum_sq_norms]
+        if self._current_domain is not None or missing:
+            raise RuntimeError(
+                f"finalize() needs every domain ended; open: {self._current_domain}, "
+                f"not collected: {missing}"
+            )
+        chunk_sq_norms = torch.stack([self._chunk_sq_norms[k] for k in range(self.num_domains)])
+        sum_sq_norms = torch.stack([self._sum_sq_norms[k] for k in range(self.num_domains)])
+        num_chunks = chunk_sq_norms.shape[1]
+        partial_sums = [chunk_sq_norms.flatten(), sum_sq_norms]
+        if self._sketch is not None:
+            sketch = self._sketch.double()
+            partial_sums.append((self._sketch_stride * (sketch @ sketch.T)).flatten())
+        packed = torch.cat(partial_sums)
+        if self.layout == "sharded" and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+        packed = packed.cpu()
+
+        num_domains = self.num_domains
+        num_chunk_entries = num_domains * num_chunks
+        chunk_sq_norms = packed[:num_chunk_entries].view(num_domains, num_chunks)
+        sum_sq_norms = packed[num_chunk_entries : num_chunk_entries + num_domains]
+        grad_sq_norms, per_sample_variances = estimate_from_sums(
+            sum_sq_norms,
+            chunk_sq_norms.sum(dim=1),
+            num_chunks=num_chunks,
+            chunk_size=self.chunk_size,
+        )
+        cosines = None
+        if self._sketch is not None:
+            cross_sums = packed[num_chunk_entries + num_domains :].view(num_domains, num_domains)
+            cosines = pairwise_cosines(cross_sums, grad_sq_norms, num_chunks=num_chunks)
+        self._start_cycle()
+        return GradientStatistics(
+            grad_sq_norms=grad_sq_norms,
+            per_sample_variances=per_sample_variances,
+            chunk_grad_sq_norms=chunk_sq_norms,
+            cosines=cosines,
+            num_chunks=num_chunks,
+            chunk_size=self.chunk_size,
+        )

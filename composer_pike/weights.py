@@ -1,0 +1,595 @@
+"""Pure-numpy mixture-weight math for PiKE and Balanced-PiKE (float64, vectorised).
+
+Section numbers refer to ``PIKE_MATH.md`` (Li et al., arXiv 2502.06244). Notation: ``G_k``
+is the squared norm of domain k's full-batch gradient, ``sigma2_k`` the per-sample trace of
+its gradient covariance (unit: one training sample = one packed sequence), ``b`` the
+training batch size in samples, ``eta`` the learning rate, ``L`` the smoothness constant.
+
+* Descent-bound coefficients (s.3):
+  ``lambda_k = -eta*beta*G_k + L*eta^2*sigma2_k/(2b)``, ``kappa_k = L*eta^2*gamma*G_k``.
+* Conceptual PiKE (s.3, s.4): the exact minimiser over the simplex of
+  ``sum_k w_k*lambda_k + kappa_k*w_k^2/2``, by a sorted-threshold solve (:func:`kkt_weights`).
+* Algorithm 1 (s.5, s.8): ``log w_k += clip(zeta1*y_k*G_k - zeta2*sigma2_k/(2b))``, then
+  renormalise over active domains and project onto per-domain floor/cap bounds
+  (:func:`pike_update`); ``y = 1`` for PiKE, ``y = K*softmax(tau*L_k)`` for Balanced-PiKE (s.6).
+* Full mirror-descent score (s.5) for checking the ``gamma = 0`` reduction to Algorithm 1.
+* Scale-free ``zeta`` calibration (s.5 [C]), epoch caps from dataset sizes, and
+  largest-remainder apportionment of a batch into integer per-domain counts (s.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+FloatArray = NDArray[np.float64]
+
+_DEFAULT_FLOOR_MASS = 0.05  # default min_weight is this total mass spread over active domains (s.8)
+_FEASIBILITY_TOL = 1e-12  # slack on sum(lower) <= 1 <= sum(upper)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _vector(name: str, value: ArrayLike) -> FloatArray:
+    """Convert to a 1-D float64 array or raise ValueError naming the argument."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    return array
+
+
+def _same_shape(reference_name: str, reference: FloatArray, **others: FloatArray) -> None:
+    """Raise ValueError unless every array in ``others`` has ``reference``'s shape."""
+    for name, array in others.items():
+        if array.shape != reference.shape:
+            raise ValueError(
+                f"{name} has shape {array.shape} but {reference_name} has shape {reference.shape}"
+            )
+
+
+def _per_domain(name: str, value: ArrayLike, num_domains: int) -> FloatArray:
+    """Broadcast a scalar or a length-K array to a float64 vector of length K."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        return np.full(num_domains, float(array))
+    if array.shape != (num_domains,):
+        raise ValueError(f"{name} must be a scalar or have shape ({num_domains},), got {array.shape}")
+    return array
+
+
+def _active_mask(active: ArrayLike | None, num_domains: int) -> NDArray[np.bool_]:
+    """Boolean mask of active domains (all active when None); at least one must be active."""
+    if active is None:
+        return np.ones(num_domains, dtype=bool)
+    mask = np.asarray(active)
+    if mask.shape != (num_domains,) or mask.dtype != np.bool_:
+        raise ValueError(f"active must be a boolean array of shape ({num_domains},), got {mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise ValueError("active must mark at least one domain as active")
+    return mask
+
+
+def _positive(name: str, value: float) -> float:
+    """Return ``value`` as float if finite and > 0, else raise ValueError."""
+    number = float(value)
+    if not (np.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return number
+
+
+def _non_negative(name: str, value: float) -> float:
+    """Return ``value`` as float if finite and >= 0, else raise ValueError."""
+    number = float(value)
+    if not (np.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return number
+
+
+def _require_finite(name: str, array: FloatArray) -> None:
+    """Raise ValueError naming the first non-finite entry of ``array``."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{name} must be finite; domain {bad[0]} is {array[bad[0]]}")
+
+
+def _statistics(
+    grad_sq_norms: ArrayLike, per_sample_variances: ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """Validate the per-domain statistic vectors ``G`` and ``sigma2`` (same 1-D shape)."""
+    grad = _vector("grad_sq_norms", grad_sq_norms)
+    variance = _vector("per_sample_variances", per_sample_variances)
+    _same_shape("grad_sq_norms", grad, per_sample_variances=variance)
+    return grad, variance
+
+
+# --------------------------------------------------------------------------- conceptual PiKE (s.3, s.4)
+
+
+def descent_bound_coefficients(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    *,
+    lr: float,
+    batch_size: float,
+    smoothness: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+) -> tuple[FloatArray, FloatArray]:
+    """Linear and quadratic coefficients ``(lambda, kappa)`` of the one-step bound (s.3).
+
+    ``lambda_k = -lr*beta*G_k + smoothness*lr^2*sigma2_k/(2*batch_size)`` and
+    ``kappa_k = smoothness*lr^2*gamma*G_k``, so the bound's change in loss is
+    ``sum_k w_k*lambda_k + kappa_k*w_k^2/2`` for mixture weights ``w`` (``batch_size`` in samples).
+    """
+    grad, variance = _statistics(grad_sq_norms, per_sample_variances)
+    lr = _positive("lr", lr)
+    batch_size = _positive("batch_size", batch_size)
+    smoothness = _non_negative("smoothness", smoothness)
+    gamma = _non_negative("gamma", gamma)
+    if not np.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta!r}")
+    linear = -lr * beta * grad + smoothness * lr**2 * variance / (2.0 * batch_size)
+    quadratic = smoothness * lr**2 * gamma * grad
+    return linear, quadratic
+
+
+def kkt_weights(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    *,
+    lr: float,
+    batch_size: float,
+    smoothness: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    previous: ArrayLike | None = None,
+    active: ArrayLike | None = None,
+) -> FloatArray:
+    """Exact minimiser over the simplex of the s.3 descent bound (conceptual PiKE).
+
+    KKT gives ``w_k = max(0, (t_k - mu)/kappa_k)`` with ``t_k = -lambda_k``; sorting ``t``
+    descending, the support is the longest prefix whose threshold
+    ``h_m = sum_{j<=m} (t_j - t_m)/kappa_j`` stays below 1, and then
+    ``mu = (sum_S t/kappa - 1) / sum_S 1/kappa``. O(K log K).
+
+    Statistics are clamped at 0 (estimates can be negative); domains with ``G_k <= 0`` or
+    inactive domains get weight 0. If no active domain has ``G_k > 0`` the bound carries no
+    signal: ``previous`` (restricted to active domains, renormalised) or uniform is returned.
+    """
+    grad, variance = _statistics(grad_sq_norms, per_sample_variances)
+    num_domains = grad.size
+    mask = _active_mask(active, num_domains)
+    _require_finite("grad_sq_norms", grad[mask])
+    _require_finite("per_sample_variances", variance[mask])
+    if not (smoothness > 0 and gamma > 0):
+        raise ValueError(
+            f"kkt_weights needs a strictly convex bound: smoothness and gamma must be > 0, "
+            f"got smoothness={smoothness!r}, gamma={gamma!r}"
+        )
+    linear, quadratic = descent_bound_coefficients(
+        np.where(mask, np.maximum(grad, 0.0), 0.0),
+        np.where(mask, np.maximum(variance, 0.0), 0.0),
+        lr=lr,
+        batch_size=batch_size,
+        smoothness=smoothness,
+        beta=beta,
+        gamma=gamma,
+    )
+    support = mask & (grad > 0)
+    if not support.any():
+        return _fallback_weights(previous, mask)
+
+    target = -linear[support]
+    inverse_curvature = 1.0 / quadratic[support]
+    order = np.argsort(-target, kind="stable")
+    sorted_target = target[order]
+    cum_inverse = np.cumsum(inverse_curvature[order])
+    cum_weighted_target = np.cumsum(sorted_target * inverse_curvature[order])
+    threshold = cum_weighted_target - sorted_target * cum_inverse
+    support_size = np.flatnonzero(threshold < 1.0)[-1] + 1  # h_1 = 0, so never empty
+    multiplier = (cum_weighted_target[support_size - 1] - 1.0) / cum_inverse[support_size - 1]
+    weights = np.zeros(num_domains)
+    weights[support] = np.maximum(0.0, (target - multiplier) * inverse_curvature)
+    return weights
+
+
+def _fallback_weights(previous: ArrayLike | None, mask: NDArray[np.bool_]) -> FloatArray:
+    """``previous`` restricted to active domains and renormalised, or uniform over them."""
+    if previous is not None:
+        given = _vector("previous", previous)
+        if given.shape != mask.shape:
+            raise ValueError(f"previous has shape {given.shape} but there are {mask.size} domains")
+        kept = np.where(mask, given, 0.0)
+        _require_finite("previous", kept)
+        if (kept < 0).any():
+            raise ValueError("previous must be non-negative")
+        total = kept.sum()
+        if total > 0:
+            return kept / total
+    return mask / np.count_nonzero(mask)
+
+
+# --------------------------------------------------------------------------- Algorithm 1 (s.5, s.6, s.8)
+
+
+def pike_scores(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    *,
+    zeta1: float,
+    zeta2: float,
+    batch_size: float,
+    loss_weights: ArrayLike | None = None,
+) -> FloatArray:
+    """Per-domain log-weight increment ``zeta1*y_k*G_k - zeta2*sigma2_k/(2b)`` (s.5, s.6).
+
+    ``y = loss_weights`` (Balanced-PiKE coefficients) or 1; raw, possibly negative, estimates
+    are used as is (s.7). Units: nats of log-weight per check.
+    """
+    grad, variance = _statistics(grad_sq_norms, per_sample_variances)
+    zeta1 = _non_negative("zeta1", zeta1)
+    zeta2 = _non_negative("zeta2", zeta2)
+    batch_size = _positive("batch_size", batch_size)
+    if loss_weights is not None:
+        coefficients = _vector("loss_weights", loss_weights)
+        _same_shape("grad_sq_norms", grad, loss_weights=coefficients)
+        grad = coefficients * grad
+    return zeta1 * grad - zeta2 * variance / (2.0 * batch_size)
+
+
+def calibrate_zeta(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    *,
+    batch_size: float,
+    target_step: float = 0.3,
+    zeta_ratio: float = 1.0,
+    loss_weights: ArrayLike | None = None,
+    active: ArrayLike | None = None,
+) -> tuple[float, float]:
+    """Scale-free ``(zeta1, zeta2)`` (s.5 [C]): ``zeta2 = zeta_ratio*zeta1`` and the largest
+    absolute score over active domains equals ``target_step`` nats.
+
+    Raw ``G_k`` scales with the model and loss, so fixed zetas do not transfer; this fixes the
+    size of the first update instead. Raises ValueError if the scores are all zero or non-finite.
+    """
+    target_step = _positive("target_step", target_step)
+    zeta_ratio = _non_negative("zeta_ratio", zeta_ratio)
+    unit_scores = pike_scores(
+        grad_sq_norms,
+        per_sample_variances,
+        zeta1=1.0,
+        zeta2=zeta_ratio,
+        batch_size=batch_size,
+        loss_weights=loss_weights,
+    )
+    active_scores = unit_scores[_active_mask(active, unit_scores.size)]
+    largest = float(np.max(np.abs(active_scores)))
+    if not (np.isfinite(largest) and largest > 0):
+        raise ValueError(
+            "cannot calibrate zeta: the PiKE scores at zeta1=1 are "
+            f"{'all zero' if largest == 0 else 'non-finite'} over the active domains "
+            f"(max |score| = {largest}); pass zeta1/zeta2 explicitly or re-estimate the statistics"
+        )
+    zeta1 = target_step / largest
+    return zeta1, zeta_ratio * zeta1
+
+
+def mirror_descent_scores(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    weights: ArrayLike,
+    *,
+    step_size: float,
+    lr: float,
+    batch_size: float,
+    smoothness: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+) -> FloatArray:
+    """Exponent of one entropic mirror-descent step on the s.3 bound (s.5 full form):
+    ``alpha*eta*(beta - L*eta*gamma*w_k)*G_k - alpha*L*eta^2*sigma2_k/(2b)``, ``alpha = step_size``.
+
+    Equals ``-step_size * (lambda_k + kappa_k*w_k)``, i.e. minus the step size times the bound's
+    gradient; with ``gamma = 0`` it is :func:`pike_scores` at ``zeta1 = alpha*eta*beta``,
+    ``zeta2 = alpha*L*eta^2``.
+    """
+    linear, quadratic = descent_bound_coefficients(
+        grad_sq_norms,
+        per_sample_variances,
+        lr=lr,
+        batch_size=batch_size,
+        smoothness=smoothness,
+        beta=beta,
+        gamma=gamma,
+    )
+    current = _vector("weights", weights)
+    _same_shape("grad_sq_norms", linear, weights=current)
+    return -_positive("step_size", step_size) * (linear + quadratic * current)
+
+
+def balanced_coefficients(
+    domain_losses: ArrayLike, tau: float, *, active: ArrayLike | None = None
+) -> FloatArray:
+    """Balanced-PiKE loss weights ``yhat = K * softmax(tau * L)`` over active domains (s.6).
+
+    Mean 1 over the ``K`` active domains (0 on inactive ones); ``tau = 0`` gives exactly 1
+    (plain PiKE), large ``tau`` concentrates on the highest loss. Max-subtraction keeps it
+    finite for any finite losses. Raises ValueError for ``tau < 0`` or a non-finite loss.
+    """
+    losses = _vector("domain_losses", domain_losses)
+    tau = _non_negative("tau", tau)
+    mask = _active_mask(active, losses.size)
+    active_losses = losses[mask]
+    _require_finite("domain_losses", np.where(mask, losses, 0.0))
+    tilted = np.exp(tau * (active_losses - active_losses.max()))
+    coefficients = np.zeros(losses.size)
+    coefficients[mask] = active_losses.size * tilted / tilted.sum()
+    return coefficients
+
+
+def project_to_bounds(
+    weights: ArrayLike,
+    lower: ArrayLike,
+    upper: ArrayLike,
+    *,
+    active: ArrayLike | None = None,
+) -> FloatArray:
+    """Euclidean projection onto ``{lower_k <= w_k <= upper_k, sum_k w_k = 1}`` over active domains.
+
+    The solution is ``clip(w - nu, lower, upper)`` for the shift ``nu`` at which the sum is 1;
+    the sum is piecewise linear in ``nu`` with breakpoints ``w - upper`` and ``w - lower``, so
+    ``nu`` is found exactly by sorting the breakpoints (O(K log K)). ``lower``/``upper`` are
+    scalars or per-domain arrays; inactive domains get 0. Raises ValueError when infeasible.
+    """
+    values = _vector("weights", weights)
+    num_domains = values.size
+    mask = _active_mask(active, num_domains)
+    floor = _per_domain("lower", lower, num_domains)[mask]
+    cap = np.minimum(_per_domain("upper", upper, num_domains)[mask], 1.0)  # w <= 1 on the simplex
+    point = values[mask]
+    _require_finite("weights", np.where(mask, values, 0.0))
+    _require_finite("lower", floor)
+    if np.isnan(cap).any():
+        raise ValueError("upper must not be NaN")
+    if (floor < 0).any():
+        raise ValueError(f"lower must be >= 0, got min {floor.min()}")
+    crossed = np.flatnonzero(floor > cap)
+    if crossed.size:
+        index = np.flatnonzero(mask)[crossed[0]]
+        raise ValueError(f"lower > upper for domain {index}: {floor[crossed[0]]} > {cap[crossed[0]]}")
+    floor_mass, cap_mass = floor.sum(), cap.sum()
+    if floor_mass > 1.0 + _FEASIBILITY_TOL or cap_mass < 1.0 - _FEASIBILITY_TOL:
+        raise ValueError(
+            f"infeasible bounds: need sum(lower) <= 1 <= sum(upper) over {point.size} active "
+            f"domains, got sum(lower) = {float(floor_mass)!r}, sum(upper) = {float(cap_mass)!r}"
+        )
+
+    # s(nu) = sum clip(point - nu, floor, cap): equals cap_mass left of every breakpoint, slope
+    # decreases by 1 at each ``point - cap`` and increases by 1 at each ``point - floor``.
+    breakpoints = np.concatenate([point - cap, point - floor])
+    slope_change = np.concatenate([-np.ones(point.size), np.ones(point.size)])
+    order = np.argsort(breakpoints, kind="stable")
+    breakpoints = breakpoints[order]
+    slope = np.cumsum(slope_change[order])  # slope of s on [breakpoints[j], breakpoints[j + 1]]
+    total_at = cap_mass + np.concatenate([[0.0], np.cumsum(slope[:-1] * np.diff(breakpoints))])
+    reached = np.flatnonzero(total_at <= 1.0)
+    if reached.size == 0:  # sum(lower) == 1 up to rounding: everything sits at its floor
+        shift = breakpoints[-1]
+    elif reached[0] == 0:  # sum(upper) == 1: everything sits at its cap
+        shift = breakpoints[0]
+    else:
+        segment = reached[0] - 1
+        shift = breakpoints[segment] + (total_at[segment] - 1.0) / -slope[segment]
+    projected = np.zeros(num_domains)
+    projected[mask] = np.clip(point - shift, floor, cap)
+    return projected
+
+
+@dataclass(frozen=True)
+class PikeStep:
+    """Result of one :func:`pike_update` check.
+
+    ``log_weights``/``weights`` are the new state (``-inf``/0 on inactive domains), ``scores``
+    the clipped increments actually added (0 when skipped or inactive), ``reason`` says why
+    the update was skipped ("" otherwise).
+    """
+
+    log_weights: FloatArray
+    weights: FloatArray
+    scores: FloatArray
+    skipped: bool
+    reason: str
+
+
+def pike_update(
+    log_weights: ArrayLike,
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    *,
+    zeta1: float,
+    zeta2: float,
+    batch_size: float,
+    loss_weights: ArrayLike | None = None,
+    active: ArrayLike | None = None,
+    score_clip: float = 1.0,
+    min_weight: ArrayLike | None = None,
+    max_weight: ArrayLike = 1.0,
+) -> PikeStep:
+    """One PiKE check in log space (Algorithm 1, s.5; numerics s.8).
+
+    ``log w += clip(pike_scores, +-score_clip)``; renormalise by logsumexp over active domains;
+    project onto ``[min(min_weight, max_weight), max_weight]`` (``min_weight`` defaults to
+    ``0.05/K_active``; a cap below the floor wins, since caps encode data availability); store
+    the log of the projected weights. The update is multiplicative and cumulative.
+
+    A non-finite statistic on an active domain, or all-zero statistics, skips the update
+    (scores 0, ``skipped=True``, ``reason`` set); the weights are then only renormalised and
+    projected, which leaves weights that already satisfy the bounds unchanged.
+    """
+    current = _vector("log_weights", log_weights)
+    grad, variance = _statistics(grad_sq_norms, per_sample_variances)
+    _same_shape("log_weights", current, grad_sq_norms=grad)
+    num_domains = current.size
+    mask = _active_mask(active, num_domains)
+    if np.isnan(current[mask]).any() or np.isposinf(current[mask]).any():
+        raise ValueError("log_weights of active domains must not be NaN or +inf")
+    if np.isneginf(current[mask]).all():
+        raise ValueError("every active domain has log weight -inf; there is no mass to renormalise")
+    score_clip = float(score_clip)
+    if not score_clip > 0:
+        raise ValueError(f"score_clip must be > 0, got {score_clip!r}")
+    coefficients = None if loss_weights is None else _vector("loss_weights", loss_weights)
+    if coefficients is not None:
+        _same_shape("log_weights", current, loss_weights=coefficients)
+
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs are reported below
+        raw = pike_scores(
+            np.where(mask, grad, 0.0),
+            np.where(mask, variance, 0.0),
+            zeta1=zeta1,
+            zeta2=zeta2,
+            batch_size=batch_size,
+            loss_weights=None if coefficients is None else np.where(mask, coefficients, 0.0),
+        )
+    reason = _skip_reason(grad, variance, coefficients, raw, mask)
+    scores = np.zeros(num_domains)
+    if not reason:
+        scores[mask] = np.clip(raw[mask], -score_clip, score_clip)
+
+    shifted = current[mask] + scores[mask]
+    unnormalised = np.exp(shifted - shifted.max())
+    normalised = np.zeros(num_domains)
+    normalised[mask] = unnormalised / unnormalised.sum()  # logsumexp renormalisation
+
+    cap = _per_domain("max_weight", max_weight, num_domains)
+    floor_value = _DEFAULT_FLOOR_MASS / np.count_nonzero(mask) if min_weight is None else min_weight
+    floor = np.minimum(_per_domain("min_weight", floor_value, num_domains), cap)
+    weights = project_to_bounds(normalised, floor, cap, active=mask)
+    with np.errstate(divide="ignore"):
+        new_log_weights = np.where(mask, np.log(weights), -np.inf)
+    return PikeStep(new_log_weights, weights, scores, bool(reason), reason)
+
+
+def _skip_reason(
+    grad: FloatArray,
+    variance: FloatArray,
+    coefficients: FloatArray | None,
+    raw_scores: FloatArray,
+    mask: NDArray[np.bool_],
+) -> str:
+    """Why this check's statistics cannot drive an update ("" when they can)."""
+    statistics = {"grad_sq_norms": grad, "per_sample_variances": variance}
+    if coefficients is not None:
+        statistics["loss_weights"] = coefficients
+    statistics["scores (overflow)"] = raw_scores
+    for name, values in statistics.items():
+        bad = np.flatnonzero(mask & ~np.isfinite(values))
+        if bad.size:
+            return f"non-finite {name} for active domain(s) {bad.tolist()}"
+    if not (grad[mask].any() or variance[mask].any()):
+        return "all gradient statistics are zero on the active domains"
+    return ""
+
+
+# --------------------------------------------------------------------------- data budget and batch counts
+
+
+def epoch_cap_upper_bounds(
+    domain_samples: ArrayLike,
+    samples_remaining: float,
+    max_epochs: float,
+    samples_consumed: ArrayLike | None = None,
+) -> FloatArray:
+    """Largest weight per domain that keeps it within ``max_epochs`` passes over its data.
+
+    If the remaining ``samples_remaining`` training samples (global count) were drawn at
+    weight ``w_k``, domain k would use ``w_k * samples_remaining`` more samples on top of the
+    ``samples_consumed[k]`` already used, out of a budget of ``max_epochs * domain_samples[k]``.
+    Hence ``upper_k = clip((max_epochs*N_k - consumed_k) / samples_remaining, 0, 1)``; all
+    counts are in samples. ``max_epochs = inf`` means unlimited (all ones).
+    """
+    sizes = _vector("domain_samples", domain_samples)
+    _require_finite("domain_samples", sizes)
+    if (sizes < 0).any():
+        raise ValueError("domain_samples must be >= 0")
+    consumed = np.zeros_like(sizes) if samples_consumed is None else _vector("samples_consumed", samples_consumed)
+    _same_shape("domain_samples", sizes, samples_consumed=consumed)
+    _require_finite("samples_consumed", consumed)
+    if (consumed < 0).any():
+        raise ValueError("samples_consumed must be >= 0")
+    remaining = _positive("samples_remaining", samples_remaining)
+    if not (float(max_epochs) > 0):
+        raise ValueError(f"max_epochs must be > 0, got {max_epochs!r}")
+    if np.isposinf(max_epochs):
+        return np.ones_like(sizes)
+    return np.clip((float(max_epochs) * sizes - consumed) / remaining, 0.0, 1.0)
+
+
+def apportion(weights: ArrayLike, total: int, *, min_count: int = 0) -> NDArray[np.int64]:
+    """Split ``total`` samples into integer per-domain counts (largest-remainder / Hamilton).
+
+    Each domain first gets ``floor(quota_k)`` with ``quota_k = total*w_k/sum(w)``; the leftover
+    units go to the largest fractional parts, ties to the lower domain index. Counts sum to
+    ``total`` exactly, lie in ``[floor(quota_k), ceil(quota_k)]``, and are 0 where ``w_k = 0``.
+
+    ``min_count > 0``: if ``total >= min_count * P`` (``P`` = number of positive weights),
+    every positive-weight domain is raised to ``min_count``, taking each missing unit from the
+    domain whose count most exceeds its quota (ties: the higher index gives first) without
+    pushing it below ``min_count``. Otherwise the positive domains, by decreasing weight (ties:
+    lower index first), receive ``min_count`` each until ``total`` runs out (the last may get less).
+    """
+    shares = _vector("weights", weights)
+    _require_finite("weights", shares)
+    if (shares < 0).any() or not shares.sum() > 0:
+        raise ValueError("weights must be >= 0 with a positive sum")
+    for name, value in (("total", total), ("min_count", min_count)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    positive = shares > 0
+    if min_count and total < min_count * np.count_nonzero(positive):
+        return _greedy_minimums(shares, int(total), int(min_count))
+
+    quota = total * (shares / shares.sum())
+    counts = np.floor(quota).astype(np.int64)
+    remainder = np.where(positive, quota - counts, -1.0)
+    leftover = int(total - counts.sum())
+    counts[np.argsort(-remainder, kind="stable")[:leftover]] += 1
+    if min_count:
+        _raise_to_minimum(counts, quota, positive, int(min_count))
+    return counts
+
+
+def _greedy_minimums(shares: FloatArray, total: int, min_count: int) -> NDArray[np.int64]:
+    """``min_count`` each to the heaviest positive domains until ``total`` is used up."""
+    by_weight = np.argsort(-shares, kind="stable")[: np.count_nonzero(shares > 0)]
+    counts = np.zeros(shares.size, dtype=np.int64)
+    counts[by_weight] = np.clip(total - min_count * np.arange(by_weight.size), 0, min_count)
+    return counts
+
+
+def _raise_to_minimum(
+    counts: NDArray[np.int64], quota: FloatArray, positive: NDArray[np.bool_], min_count: int
+) -> None:
+    """In place: lift positive domains to ``min_count`` using units from the most over-quota ones.
+
+    Removing units one at a time from the domain with the largest ``count - quota`` is the same
+    as taking the ``deficit`` largest unit priorities ``count_k - quota_k - j`` (j-th unit given
+    by domain k, j < count_k - min_count), since priorities decrease within a domain.
+    """
+    shortfall = np.where(positive, np.maximum(min_count - counts, 0), 0)
+    deficit = int(shortfall.sum())
+    if deficit == 0:
+        return
+    spare = np.where(positive, counts - min_count, 0)
+    donors = np.flatnonzero(spare > 0)[::-1]  # descending index: stable ties favour the higher one
+    units = np.arange(min(deficit, int(spare[donors].max())))
+    priority = (counts[donors] - quota[donors])[:, None] - units[None, :]
+    priority = np.where(units[None, :] < spare[donors, None], priority, -np.inf)
+    chosen = np.argsort(-priority.ravel(), kind="stable")[:deficit]  # flattened as (donor, unit)
+    counts -= np.bincount(donors[chosen // units.size], minlength=counts.size)
+    counts += shortfall

@@ -1,0 +1,534 @@
+"""Tests for composer_pike.stats: estimator formulas, unbiasedness with real backward passes,
+equivalence with a flat-vector reference, the conflict monitor, sharded partial sums, and
+2-process runs under FSDP2, FSDP1 and DDP (gloo, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from composer_pike.stats import (
+    GradientStatistics,
+    GradientStatsAccumulator,
+    estimate_from_sums,
+    gradient_layout,
+    local_gradient,
+    pairwise_cosines,
+)
+
+TESTS_DIR = Path(__file__).parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def run_accumulator(
+    params: list[torch.Tensor],
+    chunk_grads: list[list[list[torch.Tensor | None]]],
+    *,
+    chunk_size: int,
+    conflict_sketch_size: int = 0,
+    seed: int = 0,
+    layout: str = "replicated",
+) -> GradientStatistics:
+    """A fresh accumulator fed with ``chunk_grads`` (see ``feed``), finalized."""
+    accumulator = GradientStatsAccumulator(
+        params,
+        len(chunk_grads),
+        chunk_size=chunk_size,
+        conflict_sketch_size=conflict_sketch_size,
+        seed=seed,
+        layout=layout,
+    )
+    feed(accumulator, params, chunk_grads)
+    return accumulator.finalize()
+
+
+def feed(
+    accumulator: GradientStatsAccumulator,
+    params: list[torch.Tensor],
+    chunk_grads: list[list[list[torch.Tensor | None]]],
+) -> None:
+    """Run a probe with precomputed gradients chunk_grads[domain][chunk][param] as p.grad."""
+    for domain, chunks in enumerate(chunk_grads):
+        accumulator.begin_domain(domain)
+        for grads in chunks:
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            accumulator.add_chunk()
+        accumulator.end_domain()
+
+
+# ---------------------------------------------------------------------------------------------
+# Formulas
+
+
+def test_estimate_from_sums_exact():
+    # Domain 0: chunk means (1, 0), (0, 1), (1, 1): S = (2, 2), ||S||^2 = 8, Q = 4.
+    # Domain 1: chunk means (2, 0), (2, 0), (2, 0): no spread.
+    grad_sq_norms, variances = estimate_from_sums(
+        torch.tensor([8.0, 36.0]), torch.tensor([4.0, 12.0]), num_chunks=3, chunk_size=2
+    )
+    assert grad_sq_norms.dtype == variances.dtype == torch.float64
+    # G is the mean off-diagonal inner product: (0 + 1 + 1) / 3; domain 1: 4.
+    torch.testing.assert_close(grad_sq_norms, torch.tensor([2 / 3, 4.0], dtype=torch.float64))
+    # sigma^2 = m * trace of the sample covariance of the chunk means: 2 * (12/9) / 2.
+    torch.testing.assert_close(variances, torch.tensor([4 / 3, 0.0], dtype=torch.float64))
+
+
+def test_estimate_from_sums_keeps_negative_and_rejects_one_chunk():
+    grad_sq_norms, _ = estimate_from_sums(
+        torch.tensor([1.0]), torch.tensor([3.0]), num_chunks=2, chunk_size=1
+    )
+    assert grad_sq_norms.item() == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="at least 2 chunks"):
+        estimate_from_sums(torch.tensor([1.0]), torch.tensor([1.0]), num_chunks=1, chunk_size=4)
+
+
+def test_pairwise_cosines_exact():
+    # <S_j, S_k> for M = 2 chunks, so inner products are cross_sums / 4.
+    cross_sums = torch.tensor([[99.0, 8.0, 4.0], [8.0, 99.0, -2.0], [4.0, -2.0, 99.0]])
+    cosines = pairwise_cosines(cross_sums, torch.tensor([4.0, 1.0, -0.5]), num_chunks=2)
+    assert cosines.dtype == torch.float64
+    assert cosines[0, 1].item() == pytest.approx(2.0 / (2.0 * 1.0))
+    assert cosines[1, 0].item() == pytest.approx(1.0)
+    assert torch.isnan(cosines[0, 2]) and torch.isnan(cosines[2, 1])
+    torch.testing.assert_close(cosines.diagonal(), torch.ones(3, dtype=torch.float64))
+
+
+def test_noise_scale():
+    stats = GradientStatistics(
+        grad_sq_norms=torch.tensor([2.0, -1.0], dtype=torch.float64),
+        per_sample_variances=torch.tensor([8.0, 1e-300], dtype=torch.float64),
+        chunk_grad_sq_norms=torch.zeros(2, 2, dtype=torch.float64),
+        cosines=None,
+        num_chunks=2,
+        chunk_size=4,
+    )
+    noise_scale = stats.noise_scale()
+    assert noise_scale[0].item() == pytest.approx(4.0)
+    assert noise_scale[1].item() > 1e7  # G <= 0: divided by the smallest positive float
+
+
+# ---------------------------------------------------------------------------------------------
+# Unbiasedness on a model with known G and sigma^2
+
+
+class ShiftedQuadratic(nn.Module):
+    """theta in R^20, split over three parameters of different shapes.
+
+    Per-sample loss 0.5 ||theta - mu_k||^2 + x . theta with x ~ N(0, s_k^2 I), so the
+    per-sample gradient is (theta - mu_k) + x: G_k = ||theta - mu_k||^2, sigma_k^2 = 20 s_k^2.
+    """
+
+    dim = 20
+
+    def __init__(self, theta: torch.Tensor):
+        super().__init__()
+        self.matrix = nn.Parameter(theta[:6].view(2, 3).clone())
+        self.vector = nn.Parameter(theta[6:10].clone())
+        self.tail = nn.Parameter(theta[10:].clone())
+
+    def theta(self) -> torch.Tensor:
+        return torch.cat([self.matrix.flatten(), self.vector, self.tail])
+
+    def chunk_loss(self, mu: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Mean over the chunk's samples; ``noise`` is (m, 20)."""
+        theta = self.theta()
+        return (0.5 * (theta - mu).square().sum() + noise @ theta).mean()
+
+
+SYNTHETIC_CHUNKS, SYNTHETIC_CHUNK_SIZE = 4, 2
+
+
+def synthetic_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """theta and the K = 3 domain optima mu_k, with one aligned and one opposed pair."""
+    generator = torch.Generator().manual_seed(7)
+    theta = torch.randn(ShiftedQuadratic.dim, generator=generator, dtype=torch.float64)
+    base, other, third = torch.randn(
+        3, ShiftedQuadratic.dim, generator=generator, dtype=torch.float64
+    )
+    gradients = torch.stack([base, 0.8 * base + 0.6 * other, -0.5 * base + third])
+    return theta, theta - gradients
+
+
+def run_synthetic(
+    noise_stds: list[float], repetitions: int, *, conflict_sketch_size: int
+) -> dict[str, torch.Tensor]:
+    """Independent probes on ShiftedQuadratic (float64); stacks the statistics over repetitions."""
+    theta, mus = synthetic_problem()
+    model = ShiftedQuadratic(theta).double()
+    num_domains = len(noise_stds)
+    generator = torch.Generator().manual_seed(11)
+    noise = torch.randn(
+        repetitions, num_domains, SYNTHETIC_CHUNKS, SYNTHETIC_CHUNK_SIZE, ShiftedQuadratic.dim,
+        generator=generator, dtype=torch.float64,
+    ) * torch.tensor(noise_stds, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    results: dict[str, list[torch.Tensor]] = {"G": [], "sigma2": [], "naive": [], "cosines": []}
+    for repetition in range(repetitions):
+        accumulator = GradientStatsAccumulator(
+            list(model.parameters()), num_domains, chunk_size=SYNTHETIC_CHUNK_SIZE,
+            conflict_sketch_size=conflict_sketch_size, seed=repetition,
+        )
+        for domain in range(num_domains):
+            accumulator.begin_domain(domain)
+            for chunk in range(SYNTHETIC_CHUNKS):
+                model.zero_grad(set_to_none=True)
+                model.chunk_loss(mus[domain], noise[repetition, domain, chunk]).backward()
+                accumulator.add_chunk()
+            accumulator.end_domain()
+        stats = accumulator.finalize()
+        # ||S||^2 recovered from the outputs: M (M - 1) G + Q.
+        num_chunks = stats.num_chunks
+        sum_of_sq = stats.chunk_grad_sq_norms.sum(1)
+        sum_sq = num_chunks * (num_chunks - 1) * stats.grad_sq_norms + sum_of_sq
+        results["G"].append(stats.grad_sq_norms)
+        results["sigma2"].append(stats.per_sample_variances)
+        results["naive"].append(sum_sq / num_chunks**2)
+        results["cosines"].append(stats.cosines)
+    return {name: torch.stack(values) for name, values in results.items()}
+
+
+def true_synthetic_values(noise_stds: list[float]) -> dict[str, torch.Tensor]:
+    theta, mus = synthetic_problem()
+    gradients = theta - mus
+    norms = gradients.norm(dim=1)
+    return {
+        "G": norms.square(),
+        "sigma2": ShiftedQuadratic.dim * torch.tensor(noise_stds, dtype=torch.float64).square(),
+        "cosines": (gradients @ gradients.T) / torch.outer(norms, norms),
+    }
+
+
+def assert_within_standard_errors(
+    samples: torch.Tensor, truth: torch.Tensor, num_errors: float = 3.0
+) -> None:
+    """Mean over dim 0 of ``samples`` is within ``num_errors`` standard errors of ``truth``."""
+    mean = samples.mean(0)
+    standard_error = samples.std(0) / math.sqrt(samples.shape[0])
+    deviation = (mean - truth).abs()
+    assert torch.all(deviation <= num_errors * standard_error), (
+        f"mean {mean.tolist()} vs truth {truth.tolist()} (standard error {standard_error.tolist()})"
+    )
+
+
+def off_diagonal(matrices: torch.Tensor) -> torch.Tensor:
+    """Entries (j, k), j != k, of the trailing K x K dimensions."""
+    num_domains = matrices.shape[-1]
+    return matrices[..., ~torch.eye(num_domains, dtype=torch.bool)]
+
+
+NOISE_STDS = [0.5, 1.0, 1.5]
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs() -> dict[str, torch.Tensor]:
+    return run_synthetic(NOISE_STDS, repetitions=400, conflict_sketch_size=4096)
+
+
+def test_estimates_are_unbiased(synthetic_runs):
+    truth = true_synthetic_values(NOISE_STDS)
+    assert_within_standard_errors(synthetic_runs["G"], truth["G"])
+    assert_within_standard_errors(synthetic_runs["sigma2"], truth["sigma2"])
+
+
+def test_naive_squared_norm_is_biased(synthetic_runs):
+    """Power check: ||S / M||^2 overshoots G by sigma^2 / (M m), and the test sees it."""
+    truth = true_synthetic_values(NOISE_STDS)
+    naive = synthetic_runs["naive"]
+    standard_error = naive.std(0) / math.sqrt(naive.shape[0])
+    assert torch.all(naive.mean(0) - truth["G"] > 5 * standard_error)
+    bias = truth["sigma2"] / (SYNTHETIC_CHUNKS * SYNTHETIC_CHUNK_SIZE)
+    assert_within_standard_errors(naive, truth["G"] + bias)
+
+
+def test_conflict_monitor_is_consistent_under_noise(synthetic_runs):
+    """Full sketch (stride 1), noisy gradients: the cosines centre on the true ones."""
+    cosines = synthetic_runs["cosines"]
+    truth = true_synthetic_values(NOISE_STDS)["cosines"]
+    assert torch.all(cosines.diagonal(dim1=1, dim2=2) == 1)
+    assert_within_standard_errors(off_diagonal(cosines), off_diagonal(truth))
+
+
+def test_conflict_sketch_is_unbiased():
+    """Noise-free gradients make G exact, so the cosines isolate the strided sketch
+    (about 6 of 20 coordinates, stride 4, random offset per seed)."""
+    noise_free = [0.0, 0.0, 0.0]
+    runs = run_synthetic(noise_free, repetitions=200, conflict_sketch_size=6)
+    truth = true_synthetic_values(noise_free)
+    torch.testing.assert_close(runs["G"], truth["G"].expand_as(runs["G"]))
+    cosines = off_diagonal(runs["cosines"])
+    assert torch.all(cosines.std(0) > 0.1)  # the sketch really subsamples
+    assert_within_standard_errors(cosines, off_diagonal(truth["cosines"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence with a flat-vector reference
+
+
+class MLPWithSideBranch(nn.Module):
+    """An nn.Sequential MLP, a side branch used only in even chunks (grad None in odd ones)
+    and a parameter that is never used (grad always None)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.side = nn.Linear(4, 3)
+        self.unused = nn.Parameter(torch.zeros(5))
+
+    def forward(self, inputs: torch.Tensor, use_side: bool) -> torch.Tensor:
+        outputs = self.trunk(inputs)
+        return outputs + self.side(inputs) if use_side else outputs
+
+
+def reference_statistics(chunk_grads: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
+    """From flat chunk-mean gradients (K, M, D), by the textbook formulas: G as the mean
+    off-diagonal inner product, sigma^2 as m times the sample covariance trace."""
+    num_chunks = chunk_grads.shape[1]
+    gram = chunk_grads @ chunk_grads.transpose(1, 2)
+    off_diagonal_sum = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)
+    grad_sq_norms = off_diagonal_sum / (num_chunks * (num_chunks - 1))
+    deviations = chunk_grads - chunk_grads.mean(1, keepdim=True)
+    variances = chunk_size * deviations.square().sum((1, 2)) / (num_chunks - 1)
+    sums = chunk_grads.sum(1)
+    inner_products = sums @ sums.T / num_chunks**2
+    norms = grad_sq_norms.sqrt()
+    return {
+        "grad_sq_norms": grad_sq_norms,
+        "per_sample_variances": variances,
+        "chunk_grad_sq_norms": gram.diagonal(dim1=1, dim2=2),
+        "cosines": (inner_products / torch.outer(norms, norms)).fill_diagonal_(1.0),
+    }
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-4)]
+)
+def test_matches_flat_reference(dtype, rtol):
+    model = MLPWithSideBranch().to(dtype)
+    params = list(model.parameters())
+    num_domains, num_chunks, chunk_size = 3, 5, 4
+    accumulator = GradientStatsAccumulator(
+        params, num_domains, chunk_size=chunk_size, conflict_sketch_size=4096
+    )
+    generator = torch.Generator().manual_seed(5)
+    num_coordinates = sum(p.numel() for p in params)
+    flat_grads = torch.zeros(num_domains, num_chunks, num_coordinates, dtype=torch.float64)
+    for domain in range(num_domains):
+        accumulator.begin_domain(domain)
+        for chunk in range(num_chunks):
+            inputs = torch.randn(chunk_size, 4, generator=generator).to(dtype)
+            targets = (torch.randn(chunk_size, 3, generator=generator) + 2 * domain - 1).to(dtype)
+            model.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(model(inputs, use_side=chunk % 2 == 0), targets).backward()
+            assert model.unused.grad is None
+            assert (model.side.weight.grad is None) == (chunk % 2 == 1)
+            accumulator.add_chunk()
+            flat_grads[domain, chunk] = torch.cat(
+                [torch.zeros(p.numel()) if p.grad is None else p.grad.double().flatten()
+                 for p in params]
+            )
+        accumulator.end_domain()
+    stats = accumulator.finalize()
+
+    expected = reference_statistics(flat_grads, chunk_size)
+    assert torch.all(expected["grad_sq_norms"] > 0)
+    for name, value in expected.items():
+        actual = getattr(stats, name)
+        assert actual.dtype == torch.float64
+        torch.testing.assert_close(actual, value, rtol=rtol, atol=0, msg=name)
+    assert (stats.num_chunks, stats.chunk_size) == (num_chunks, chunk_size)
+
+
+def test_sharded_partial_sums_add_up_to_full_statistics():
+    """FSDP1 (use_orig_params) simulated: every rank's p.grad is a 1-D view of its slice of the
+    flat gradient, possibly empty. Squared norms are additive over disjoint shards and G,
+    sigma^2 are linear in them, so the two ranks' local results add up to the full ones
+    (finalize's all-reduce does this sum on the packed partial sums)."""
+    shapes = [(3, 2), (5,), (2,)]  # flat layout: [0, 6), [6, 11), [11, 13)
+    rank_ranges = [(0, 7), (7, 13)]  # rank 0: first param + 1 element; rank 1: the rest
+    num_domains, num_chunks, chunk_size = 3, 4, 8
+    generator = torch.Generator().manual_seed(9)
+    flat = torch.randn(num_domains, num_chunks, 13, generator=generator, dtype=torch.float64)
+    flat += torch.randn(num_domains, 1, 13, generator=generator, dtype=torch.float64)
+    param_ranges, start = [], 0
+    for shape in shapes:
+        param_ranges.append((start, start + math.prod(shape)))
+        start += math.prod(shape)
+
+    def grads_for(slices):
+        return [
+            [[None if lo == hi else flat[k, i, lo:hi].view(shape) for (lo, hi), shape in slices]
+             for i in range(num_chunks)]
+            for k in range(num_domains)
+        ]
+
+    full_slices = [(bounds, shape) for bounds, shape in zip(param_ranges, shapes)]
+    full_params = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+    full = run_accumulator(full_params, grads_for(full_slices), chunk_size=chunk_size)
+
+    rank_stats = []
+    for rank_lo, rank_hi in rank_ranges:
+        slices = []
+        for param_lo, param_hi in param_ranges:
+            lo, hi = max(param_lo, rank_lo), min(param_hi, rank_hi)
+            slices.append(((lo, max(lo, hi)), (max(hi - lo, 0),)))
+        local_params = [torch.zeros(shape, dtype=torch.float64) for _, shape in slices]
+        assert any(p.numel() == 0 for p in local_params)  # some shards are empty
+        rank_stats.append(
+            run_accumulator(
+                local_params, grads_for(slices), chunk_size=chunk_size, layout="sharded"
+            )
+        )
+    for name in ("grad_sq_norms", "per_sample_variances", "chunk_grad_sq_norms"):
+        summed = getattr(rank_stats[0], name) + getattr(rank_stats[1], name)
+        torch.testing.assert_close(summed, getattr(full, name), rtol=1e-12, atol=1e-12, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# API behaviour
+
+
+def tiny_setup(num_domains: int = 2) -> tuple[nn.Linear, GradientStatsAccumulator]:
+    model = nn.Linear(3, 1)
+    return model, GradientStatsAccumulator(list(model.parameters()), num_domains, chunk_size=2)
+
+
+def backward_once(model: nn.Linear) -> None:
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(2, 3)).sum().backward()
+
+
+def test_misuse_raises_clear_errors():
+    model, accumulator = tiny_setup()
+    with pytest.raises(RuntimeError, match="before begin_domain"):
+        accumulator.add_chunk()
+    with pytest.raises(RuntimeError, match="without an open domain"):
+        accumulator.end_domain()
+    with pytest.raises(RuntimeError, match="out of range"):
+        accumulator.begin_domain(2)
+    accumulator.begin_domain(0)
+    with pytest.raises(RuntimeError, match="is open"):
+        accumulator.begin_domain(1)
+    with pytest.raises(RuntimeError, match="without any add_chunk"):
+        accumulator.end_domain()
+    for _ in range(3):
+        backward_once(model)
+        accumulator.add_chunk()
+    accumulator.end_domain()
+    with pytest.raises(RuntimeError, match="already collected"):
+        accumulator.begin_domain(0)
+    with pytest.raises(RuntimeError, match="every domain ended"):
+        accumulator.finalize()
+    accumulator.begin_domain(1)
+    backward_once(model)
+    accumulator.add_chunk()
+    with pytest.raises(RuntimeError, match="every domain ended"):
+        accumulator.finalize()
+    with pytest.raises(RuntimeError, match="same number of chunks"):
+        accumulator.end_domain()
+    with pytest.raises(ValueError, match="layout"):
+        GradientStatsAccumulator(list(model.parameters()), 2, chunk_size=2, layout="fsdp")
+
+
+def test_single_chunk_per_domain_is_rejected_at_finalize():
+    model, accumulator = tiny_setup(num_domains=1)
+    accumulator.begin_domain(0)
+    backward_once(model)
+    accumulator.add_chunk()
+    accumulator.end_domain()
+    with pytest.raises(ValueError, match="at least 2 chunks"):
+        accumulator.finalize()
+
+
+def test_accumulator_is_reusable_after_finalize():
+    params = [torch.zeros(4, 3), torch.zeros(7)]
+    generator = torch.Generator().manual_seed(2)
+    chunk_grads = [
+        [[torch.randn(p.shape, generator=generator) for p in params] for _chunk in range(3)]
+        for _domain in range(2)
+    ]
+    accumulator = GradientStatsAccumulator(params, 2, chunk_size=4, conflict_sketch_size=4096)
+    results = []
+    for _probe in range(2):
+        feed(accumulator, params, chunk_grads)
+        results.append(accumulator.finalize())
+    for name in ("grad_sq_norms", "per_sample_variances", "chunk_grad_sq_norms", "cosines"):
+        torch.testing.assert_close(getattr(results[0], name), getattr(results[1], name), msg=name)
+
+
+def test_local_gradient_and_layout_of_plain_modules():
+    model = nn.Linear(3, 2)
+    assert local_gradient(model.weight) is None
+    model(torch.randn(4, 3)).sum().backward()
+    assert local_gradient(model.weight) is model.weight.grad
+    empty_shard = torch.zeros(0, requires_grad=True)
+    empty_shard.grad = torch.zeros(0)
+    assert local_gradient(empty_shard) is None
+    assert gradient_layout(model) == "replicated"
+    assert gradient_layout(nn.Sequential(model, nn.ReLU())) == "replicated"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes: FSDP2, FSDP1 (use_orig_params) and DDP on gloo
+
+
+def load_worker_module():
+    path = TESTS_DIR / "dist_stats_worker.py"
+    spec = importlib.util.spec_from_file_location("dist_stats_worker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_match_single_process(tmp_path):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(TESTS_DIR / "dist_stats_worker.py"), str(tmp_path),
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=170
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    rank_results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert rank_results[0] == rank_results[1]  # bit-identical on both ranks
+
+    worker = load_worker_module()
+    reference = worker.collect_probe(worker.build_model()).finalize()
+    expected_layout = {"fsdp2": ("sharded", 1), "fsdp1": ("sharded", 1), "ddp": ("replicated", 0)}
+    for mode, (layout, all_reduce_calls) in expected_layout.items():
+        result = rank_results[0][mode]
+        assert (result["layout"], result["all_reduce_calls"]) == (layout, all_reduce_calls), mode
+        for name in ("grad_sq_norms", "per_sample_variances", "chunk_grad_sq_norms", "cosines"):
+            torch.testing.assert_close(
+                torch.tensor(result[name], dtype=torch.float64), getattr(reference, name),
+                rtol=1e-5, atol=1e-6, msg=f"{mode} {name}",
+            )
