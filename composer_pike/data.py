@@ -271,11 +271,14 @@ class MixtureDataset(Dataset):
 
 
 def collate_samples(samples: Sequence[tuple[int, int, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack ``(domain, index, tokens)`` items into a causal-LM batch (labels = input_ids)."""
+    """Stack ``(domain, index, tokens)`` items into a causal-LM batch.
+
+    ``labels`` is a copy of ``input_ids``: Composer's eval shifts labels in place.
+    """
     tokens = torch.from_numpy(np.stack([s[2] for s in samples]).astype(np.int64))
     return {
         'input_ids': tokens,
-        'labels': tokens,
+        'labels': tokens.clone(),
         'domain': torch.tensor([s[0] for s in samples], dtype=torch.int64),
         'sample_id': torch.tensor([s[1] for s in samples], dtype=torch.int64),
     }
@@ -388,6 +391,16 @@ class MixtureBatchSampler(Sampler):
 
 class MixtureDataLoader(DataLoader):
     """A DataLoader over a :class:`MixtureDataset` that tells the sampler which batches were taken."""
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch on this rank (Composer reads it to default the microbatch size)."""
+        sampler: MixtureBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        return sampler.planner.global_batch_size // sampler.world_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        """DataLoader.__init__ stores None here when a batch sampler is given; the sampler decides."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         sampler: MixtureBatchSampler = self.batch_sampler  # type: ignore[assignment]
