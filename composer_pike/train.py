@@ -246,7 +246,7 @@ def train(config: DictConfig) -> Any:
     from composer.utils import dist, reproducibility
 
     from composer_pike.algorithm import PiKE
-    from composer_pike.callbacks import DomainEvalSummary, JsonlLogger
+    from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor
     from composer_pike.data import MixtureDataset, build_mixture_dataloader, read_manifest, sources_from_manifest
     from composer_pike.policies import plan_policy
 
@@ -288,7 +288,7 @@ def train(config: DictConfig) -> Any:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
-        callbacks=[LRMonitor(), DomainEvalSummary()],
+        callbacks=[LRMonitor(), DomainEvalSummary(), MixtureMonitor()],
         loggers=[FileLogger(os.path.join(config.run_dir, 'log.txt')), JsonlLogger(log_file)],
         precision=config.trainer.precision,
         device=device,
