@@ -1,0 +1,59 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server on 127.0.0.1; S3_ENDPOINT_URL and dummy credentials point at it."""
+
+    endpoint_url: str
+
+    def client(self):
+        """A boto3 S3 client for this server."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def create_bucket(self, name: str) -> str:
+        """Create a bucket (if missing) and return its URL, ``s3://name``."""
+        client = self.client()
+        if name not in {bucket["Name"] for bucket in client.list_buckets()["Buckets"]}:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """Session-wide moto S3 server (server mode, so other processes can reach it).
+
+    Sets S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID/SECRET (``testing``) and AWS_DEFAULT_REGION for the
+    session, restoring them afterwards. Use a distinct bucket or prefix per test.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    request_log = logging.getLogger("werkzeug")  # one line per request otherwise
+    request_log_level = request_log.level
+    request_log.setLevel(logging.WARNING)
+    host, port = server.get_host_and_port()
+    endpoint_url = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("S3_ENDPOINT_URL", endpoint_url)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.delenv("AWS_PROFILE", raising=False)
+        patch.delenv("AWS_SESSION_TOKEN", raising=False)
+        try:
+            yield S3Server(endpoint_url)
+        finally:
+            server.stop()
+            request_log.setLevel(request_log_level)
