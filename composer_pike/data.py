@@ -71,13 +71,13 @@ def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str |
 def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any]:
     """Load a pike-prep manifest from a local path (file or directory) or a remote URL."""
     if '://' in manifest:
-        from streaming.base.storage import download_file
+        from streaming.base.storage.download import CloudDownloader
         url = manifest if manifest.endswith('.json') else f'{manifest.rstrip("/")}/{MANIFEST_NAME}'
         if cache_root is None:
             raise ValueError(f'manifest {manifest} is remote: a local cache_root is required')
         local = os.path.join(cache_root, MANIFEST_NAME)
         os.makedirs(cache_root, exist_ok=True)
-        download_file(url, local, timeout=60)
+        CloudDownloader.direct_download(url, local, timeout=60)
         path = local
     else:
         path = manifest if manifest.endswith('.json') else os.path.join(manifest, MANIFEST_NAME)
