@@ -183,6 +183,14 @@ class PiKE(Algorithm):
             return np.log(self.mixture.planner.schedule[-1][1])
 
     def _probe(self, state: State) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
+        """Run the probe without consuming the global RNG (dropout), so training is unchanged."""
+        device = state.device._device
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            return self._probe_passes(state)
+
+    def _probe_passes(self, state: State) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
         """Chunk forward/backward passes for every active domain; returns statistics and probe losses."""
         mixture = self.mixture
         assert mixture is not None
@@ -200,7 +208,7 @@ class PiKE(Algorithm):
             seed=int(state.timestamp.batch), layout=gradient_layout(model))
         loss_sums = torch.zeros(len(active), dtype=torch.float64)
         for slot, domain in enumerate(active):
-            batch = mixture.probe_batch(int(domain), self.estimation_batch_size, rank, world_size)
+            batch = mixture.probe_batch(int(domain), self.estimation_batch_size, self.num_chunks, rank, world_size)
             batch = state.device.batch_to_device(batch)
             accumulator.begin_domain(slot)
             for start in range(0, self.estimation_batch_size // world_size, rank_chunk):
@@ -243,7 +251,9 @@ class PiKE(Algorithm):
         loss_weights = None
         if self.tau > 0:
             loss_weights = np.zeros(num_domains)
-            loss_weights[active] = balanced_coefficients(probe_losses, self.tau)
+            # a non-finite probe loss is reported by pike_update's skip logic, not raised here
+            loss_weights[active] = balanced_coefficients(probe_losses, self.tau) \
+                if np.all(np.isfinite(probe_losses)) else np.nan
         if self.zeta1 is None:
             try:
                 self.zeta1, self.zeta2 = calibrate_zeta(
@@ -251,6 +261,8 @@ class PiKE(Algorithm):
                     target_step=self.target_step, zeta_ratio=self.zeta_ratio, loss_weights=loss_weights)
             except ValueError as error:
                 log.warning('PiKE: skipping the check at batch %d: %s', int(state.timestamp.batch) - 1, error)
+                self._log(logger, statistics, active, grad_sq, variance, losses,
+                          mixture.weights_at(mixture.planner.schedule[-1][0]), skipped=True)
                 return
         result = pike_update(
             self.log_weights, np.where(mask, grad_sq, 0.0), np.where(mask, variance, 0.0),
@@ -284,7 +296,8 @@ class PiKE(Algorithm):
         names = mixture.domain_names
         counts = mixture.counts_at(mixture.planner.schedule[-1][0])
         noise_scale = variance / np.maximum(grad_sq, np.finfo(np.float64).tiny)
-        metrics: dict[str, float] = {'pike/zeta1': float(self.zeta1), 'pike/zeta2': float(self.zeta2),
+        metrics: dict[str, float] = {'pike/zeta1': math.nan if self.zeta1 is None else float(self.zeta1),
+                                     'pike/zeta2': math.nan if self.zeta2 is None else float(self.zeta2),
                                      'pike/skipped': float(skipped), 'pike/checks': float(self.checks)}
         for k, name in enumerate(names):
             metrics[f'pike/weight/{name}'] = float(weights[k])

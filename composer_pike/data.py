@@ -29,7 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from composer_pike.planner import MixturePlanner, PlannedBatch
 
@@ -245,17 +246,20 @@ class MixtureDataset(Dataset):
         """True once the exhaustion policy ended the mixture (``on_exhausted='stop'``)."""
         return self.planner.finished and self.sampler.consumed >= self.planner.step
 
-    def probe_batch(self, domain: int, num_samples: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        """This rank's share of ``num_samples`` samples of ``domain`` for gradient statistics.
+    def probe_batch(self, domain: int, num_samples: int, num_chunks: int = 1, rank: int = 0,
+                    world_size: int = 1) -> dict[str, torch.Tensor]:
+        """This rank's share of ``num_samples`` samples of ``domain``, as ``num_chunks`` consecutive chunks.
 
         The samples are the next ones the domain will train on (as of the trainer's current step),
         so their shards are already local or being prefetched; the choice does not depend on timing.
+        Each rank takes its slice of every chunk, so a global chunk holds the same samples on any
+        number of ranks.
         """
-        if num_samples % world_size:
-            raise ValueError(f'probe size {num_samples} is not divisible by world size {world_size}')
+        if num_samples % (num_chunks * world_size):
+            raise ValueError(f'probe size {num_samples} is not divisible by num_chunks x world size '
+                             f'({num_chunks} x {world_size})')
         ids = self.planner.samples_after(self.sampler.position(), domain, num_samples)
-        per_rank = num_samples // world_size
-        ids = ids[rank * per_rank:(rank + 1) * per_rank]
+        ids = ids.reshape(num_chunks, world_size, -1)[:, rank].reshape(-1)
         return collate_samples([self[(domain, int(i))] for i in ids])
 
     # ---- Composer dataset resumption (called with samples seen in the current epoch) ---------
@@ -323,7 +327,7 @@ class ShardPrefetcher:
             log.warning("prefetch of domain '%s' shard %d failed: %s", self.dataset.domain_names[domain], shard, error)
 
 
-class MixtureBatchSampler(Sampler):
+class MixtureBatchSampler(DistributedSampler):
     """Yields this rank's list of ``(domain, index)`` for each planned global batch.
 
     ``consumed`` counts batches the trainer has received (maintained by :class:`MixtureDataLoader`).
@@ -333,7 +337,8 @@ class MixtureBatchSampler(Sampler):
 
     def __init__(self, dataset: MixtureDataset, planner: MixturePlanner, *, rank: int, world_size: int,
                  steps_per_epoch: int, delay: int, prefetch_steps: int) -> None:
-        super().__init__()
+        # A DistributedSampler only in type: Composer refuses multi-rank loaders whose sampler is not one.
+        DistributedSampler.__init__(self, dataset, num_replicas=world_size, rank=rank, shuffle=False)
         if planner.global_batch_size % world_size:
             raise ValueError(f'global batch size {planner.global_batch_size} is not divisible by '
                              f'world size {world_size}')

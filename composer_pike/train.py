@@ -243,7 +243,7 @@ def train(config: DictConfig) -> Any:
     from composer.callbacks import LRMonitor
     from composer.loggers import FileLogger
     from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
-    from composer.utils import dist, reproducibility
+    from composer.utils import dist, get_device, reproducibility
 
     from composer_pike.algorithm import PiKE
     from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor
@@ -251,6 +251,9 @@ def train(config: DictConfig) -> Any:
     from composer_pike.policies import plan_policy
 
     reproducibility.seed_all(config.seed)
+    device = config.trainer.device or ('gpu' if torch.cuda.is_available() else 'cpu')
+    # One process group before any StreamingDataset: otherwise each builds and tears down its own.
+    dist.initialize_dist(get_device(device))
     os.makedirs(config.run_dir, exist_ok=True)
     cache_root = config.data.cache_root or os.path.join(config.run_dir, 'cache', f'node{dist.get_node_rank()}')
     manifest = read_manifest(config.data.manifest, cache_root)
@@ -277,7 +280,6 @@ def train(config: DictConfig) -> Any:
                                weight_decay=config.optimizer.weight_decay)
     scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=config.optimizer.warmup, alpha_f=config.optimizer.alpha_f)
     log_file = config.trainer.log_file or os.path.join(config.run_dir, 'metrics.jsonl')
-    device = config.trainer.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     trainer = Trainer(
         run_name=config.run_name,
         model=model,
