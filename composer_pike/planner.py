@@ -10,6 +10,7 @@ steps are optimizer steps (global batches), 0-based.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -165,18 +166,13 @@ class MixturePlanner:
         if effective_step < self.step:
             raise ValueError(f'cannot schedule weights for step {effective_step}: steps up to {self.step - 1} '
                              'are already planned (increase the loader delay)')
-        kept = [(s, v) for s, v in self.schedule if s < effective_step]
-        in_force = max(i for i, (s, _) in enumerate(kept) if s <= self.step) if kept else 0
-        self.schedule = kept[in_force:] + [(int(effective_step), w)]
+        # Keep every earlier entry: a rewind to the trainer's position (behind the planned step) needs them.
+        self.schedule = [(s, v) for s, v in self.schedule if s < effective_step] + [(int(effective_step), w)]
 
     def weights_at(self, step: int) -> np.ndarray:
         """The scheduled weights in force at ``step`` (before masking inactive domains)."""
-        current = self.schedule[0][1]
-        for start, w in self.schedule:
-            if start > step:
-                break
-            current = w
-        return current
+        starts = [start for start, _ in self.schedule]
+        return self.schedule[max(bisect.bisect_right(starts, step) - 1, 0)][1]
 
     def active_weights(self, step: int) -> np.ndarray:
         """Weights at ``step`` restricted to active domains and renormalised (zeros if none left)."""
