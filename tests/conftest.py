@@ -57,3 +57,15 @@ def s3_server() -> Iterator[S3Server]:
         finally:
             server.stop()
             request_log.setLevel(request_log_level)
+
+
+def _raise_open_file_limit() -> None:
+    """Every StreamingDataset keeps file descriptors open for the life of the process; one pytest
+    process builds hundreds of them, so lift the soft limit to the hard limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_raise_open_file_limit()
