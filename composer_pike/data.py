@@ -229,7 +229,10 @@ class MixtureDataset(Dataset):
         return effective
 
     def weights_at(self, step: int) -> np.ndarray:
-        """Mixing weights in force at global step ``step`` (inactive domains zeroed)."""
+        """Mixing weights in force at global step ``step`` (inactive domains zeroed).
+
+        Valid for steps at or after the trainer's position: the loader forgets superseded weights.
+        """
         return self.planner.active_weights(step)
 
     def counts_at(self, step: int) -> np.ndarray:
@@ -358,7 +361,7 @@ class MixtureBatchSampler(DistributedSampler):
         self._rewind()
         epoch_end = (self.consumed // self.steps_per_epoch + 1) * self.steps_per_epoch
         while self.planner.step < epoch_end:
-            self._snapshots[self.planner.step] = self.planner.state_dict()
+            self._snapshots[self.planner.step] = self.planner.state_dict(include_schedule=False)
             batch = self.planner.plan_next()
             if batch is None:
                 return
@@ -373,6 +376,7 @@ class MixtureBatchSampler(DistributedSampler):
     def mark_consumed(self) -> None:
         self._snapshots.pop(self.consumed - 1, None)
         self.consumed += 1
+        self.planner.forget_schedule_before(self.consumed)
 
     def position(self) -> dict[str, Any]:
         """Planner state before the next batch the trainer will take, with the current schedule."""
@@ -380,7 +384,7 @@ class MixtureBatchSampler(DistributedSampler):
         if state is None:
             if self.planner.step != self.consumed:
                 raise RuntimeError(f'no planner snapshot for step {self.consumed} (planned up to {self.planner.step})')
-            state = self.planner.state_dict()
+            state = self.planner.state_dict(include_schedule=False)
         return dict(state, schedule=self.planner.state_dict()['schedule'])
 
     def _rewind(self) -> None:

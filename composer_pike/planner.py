@@ -166,7 +166,8 @@ class MixturePlanner:
         if effective_step < self.step:
             raise ValueError(f'cannot schedule weights for step {effective_step}: steps up to {self.step - 1} '
                              'are already planned (increase the loader delay)')
-        # Keep every earlier entry: a rewind to the trainer's position (behind the planned step) needs them.
+        # Keep earlier entries: a rewind to the trainer's position (behind the planned step) needs them;
+        # the sampler drops the ones the trainer has passed (forget_schedule_before).
         self.schedule = [(s, v) for s, v in self.schedule if s < effective_step] + [(int(effective_step), w)]
 
     def weights_at(self, step: int) -> np.ndarray:
@@ -307,17 +308,27 @@ class MixturePlanner:
     # ----------------------------------------------------------------------------------------
     # state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue planning exactly from ``self.step`` (primitives only)."""
-        return {
+    def forget_schedule_before(self, step: int) -> None:
+        """Drop schedule entries superseded before ``step``; nothing earlier will be planned again."""
+        starts = [start for start, _ in self.schedule]
+        self.schedule = self.schedule[max(bisect.bisect_right(starts, step) - 1, 0):]
+
+    def state_dict(self, include_schedule: bool = True) -> dict[str, Any]:
+        """Everything needed to continue planning exactly from ``self.step`` (primitives only).
+
+        ``include_schedule=False`` gives only the position (cursors etc.), for cheap per-step snapshots.
+        """
+        state = {
             'step': int(self.step),
             'cursors': self.cursors.tolist(),
             'epochs': self.epochs.tolist(),
             'active': self.active.tolist(),
             'turns': int(self.turns),
             'finished': bool(self.finished),
-            'schedule': [[int(s), w.tolist()] for s, w in self.schedule],
         }
+        if include_schedule:
+            state['schedule'] = [[int(s), w.tolist()] for s, w in self.schedule]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the domain count must match."""

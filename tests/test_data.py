@@ -188,6 +188,8 @@ def test_weights_take_effect_exactly_at_after_step_plus_one_plus_delay(data_dirs
             assert dataset.set_weights(W1, after_step=t) == effective
             # Whatever the loader had planned ahead lies before the effective step.
             assert t + 1 <= planned <= effective
+            np.testing.assert_allclose(dataset.weights_at(effective - 1), W0)
+            np.testing.assert_allclose(dataset.weights_at(effective), W1)
         if len(steps) == effective + 3:
             break
     batches.close()
@@ -195,8 +197,6 @@ def test_weights_take_effect_exactly_at_after_step_plus_one_plus_delay(data_dirs
     assert counts[:effective] == [COUNTS[tuple(W0)]] * effective
     assert counts[effective:] == [COUNTS[tuple(W1)]] * 3
     assert steps == reference_plan(data_dirs, len(steps), schedule=[(effective, W1)])
-    np.testing.assert_allclose(dataset.weights_at(effective - 1), W0)
-    np.testing.assert_allclose(dataset.weights_at(effective), W1)
 
 
 def test_a_delay_shorter_than_the_loader_lookahead_is_refused(mixture):
