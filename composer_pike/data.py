@@ -19,6 +19,7 @@ loader is built, so the rule never depends on timing.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -88,6 +89,18 @@ def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any
         return json.load(f)
 
 
+@functools.cache
+def _clean_stale_shared_memory_once() -> None:
+    """Remove shared memory a crashed run left behind, before this process builds its first dataset.
+
+    streaming's cleaner unlinks every streaming segment on the host, live ones included, so it must
+    not run again once this process holds datasets. (It can still disturb another job running on the
+    same machine at that moment.)
+    """
+    from streaming.base.util import clean_stale_shared_memory
+    clean_stale_shared_memory()
+
+
 def _check_local_split(source: DomainSource) -> dict[str, Any]:
     """Read a local MDS index, failing with the domain named if it is missing."""
     index_path = os.path.join(source.local, 'index.json')
@@ -146,12 +159,11 @@ class MixtureDataset(Dataset):
         verify_local: bool = True,
     ) -> None:
         from streaming import StreamingDataset
-        from streaming.base.util import clean_stale_shared_memory
 
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f'domain names must be unique, got {names}')
-        clean_stale_shared_memory()
+        _clean_stale_shared_memory_once()
         self.sources = list(sources)
         self.domains = []
         seq_lens = {}
@@ -324,9 +336,18 @@ class ShardPrefetcher:
             self.requested_until[k] = ahead[k]
 
     def _prepare(self, domain: int, shard: int) -> None:
+        """Start downloading ``shard``; never wait on a download someone else is doing.
+
+        On failure the shard goes back to the 'remote' state, so the worker that reads it downloads
+        it again and raises, instead of waiting forever on a shard left 'preparing'.
+        """
+        dataset = self.dataset.domains[domain]
         try:
-            self.dataset.domains[domain].prepare_shard(shard, blocking=True)
-        except Exception as error:  # the reading worker retries and reports with the domain named
+            dataset.prepare_shard(shard, blocking=False)
+        except Exception as error:
+            from streaming.base.dataset import _ShardState
+            with dataset._cache_filelock:
+                dataset._shard_states[shard] = _ShardState.REMOTE
             log.warning("prefetch of domain '%s' shard %d failed: %s", self.dataset.domain_names[domain], shard, error)
 
 
