@@ -17,5 +17,9 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/python -m composer_pike.demo
 
+# One pytest process per test file: every StreamingDataset keeps descriptors for all streaming
+# shared memory in its process, so a single process building hundreds of them runs out of files.
 test: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -q
+	@status=0; for file in tests/test_*.py; do \
+		echo "== $$file"; $(VENV)/bin/python -m pytest -q "$$file" || status=$$?; \
+	done; exit $$status

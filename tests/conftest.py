@@ -69,3 +69,4 @@ def _raise_open_file_limit() -> None:
 
 
 _raise_open_file_limit()
+

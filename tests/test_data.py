@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -286,6 +287,22 @@ def test_an_abandoned_iterator_is_continued_without_skipped_or_repeated_samples(
     del abandoned
 
 
+def test_checkpoint_state_does_not_grow_with_the_number_of_weight_updates(data_dirs, mixture):
+    """PiKE may update weights every step; the state holds what the trainer's position still needs.
+
+    Entries superseded before the trainer's position can never be used again (rewinds and resumes
+    go back to that position at most), so at most the entry in force there plus the ones scheduled
+    inside the look-ahead remain: delay + 2 with one update per step.
+    """
+    rng = np.random.default_rng(0)
+    updates = {t: rng.dirichlet(np.ones(len(SIZES))).tolist() for t in range(30)}
+    steps = take(build(mixture), mixture, 30, updates)
+    schedule = [(t + 1 + mixture.delay, w) for t, w in sorted(updates.items())]
+    assert steps == reference_plan(data_dirs, 30, schedule=schedule)
+    state = mixture.state_dict(0, True)
+    assert len(state['planner']['schedule']) <= mixture.delay + 2, len(state['planner']['schedule'])
+
+
 # ---- epochs and exhaustion -------------------------------------------------------------------
 
 
@@ -416,13 +433,13 @@ print('domains', dataset.num_domains, 'open fds', len(os.listdir('/proc/self/fd'
 
 @pytest.mark.xfail(strict=True, reason='known bug (open): each StreamingDataset keeps ~12 fds per earlier one; many domains exceed ulimit -n 1024')
 def test_a_mixture_of_many_domains_fits_in_a_default_file_descriptor_limit(tmp_path):
-    """32 small domains under RLIMIT_NOFILE=1024, in a fresh process (private /dev/shm where possible)."""
+    """24 small domains under RLIMIT_NOFILE=1024, in a fresh process (private /dev/shm where possible)."""
     (tmp_path / 'tmp').mkdir()
-    command = [sys.executable, '-c', FD_SCRIPT, str(Path(__file__).parent), str(tmp_path / 'data'), '32']
+    command = [sys.executable, '-c', FD_SCRIPT, str(Path(__file__).parent), str(tmp_path / 'data'), '24']
     result = subprocess.run(with_private_shm(command), cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=LAUNCH_TIMEOUT, env=dict(os.environ, TMPDIR=str(tmp_path / 'tmp')))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert 'domains 32' in result.stdout
+    assert 'domains 24' in result.stdout
 
 
 # ---- pike-prep manifests -----------------------------------------------------------------------
@@ -499,6 +516,11 @@ def test_probe_batch_depends_on_the_trainer_position_only_and_splits_across_rank
         assert len(ids[0]) == len(ids[1]) == 2 and not set(ids[0]) & set(ids[1])
         assert ids[0] + ids[1] == probe['sample_id'].tolist()
         assert all(check_batch(part) for part in parts)
+        # In chunks, each rank takes its slice of every chunk: chunk c of 4 = rank 0's 2 + rank 1's 2.
+        big = ahead.probe_batch(domain, 8)['sample_id'].tolist()
+        chunked = [ahead.probe_batch(domain, 8, num_chunks=2, rank=r, world_size=2)['sample_id'].tolist()
+                   for r in range(2)]
+        assert chunked[0][:2] + chunked[1][:2] + chunked[0][2:] + chunked[1][2:] == big
         probes[domain] = probe['sample_id'].tolist()
     with pytest.raises(ValueError):
         ahead.probe_batch(0, 3, rank=0, world_size=2)
@@ -599,6 +621,45 @@ def test_s3_manifest_streams_every_domain_into_the_cache_root(s3_server, tmp_pat
     assert dataset.domain_sizes.tolist() == [30, 20]
     loader = build_mixture_dataloader(dataset, BATCH, num_workers=0, rank=0, world_size=1)
     assert len(take(loader, dataset, 2)) == 2
+
+
+@pytest.mark.xfail(strict=False, reason='known bug (open, racy): a remote shard failing its hash is swallowed by the prefetcher; readers sometimes hang or read it')
+def test_s3_a_corrupted_shard_fails_loudly_with_the_domain_named(s3_server, tmp_path):
+    """A remote shard that fails xxh64 validation must raise (naming the domain), not hang or be read."""
+    dirs = write_domains(str(tmp_path / 'data'), [30, 20], seq_len=SEQ_LEN)
+    shard = Path(dirs[1]) / shard_files(dirs[1])[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a token of a sample in the middle of the first shard
+    shard.write_bytes(bytes(data))
+    bucket = 'pike-corrupt-tests'
+    s3_server.create_bucket(bucket)
+    for k, directory in enumerate(dirs):
+        upload_tree(s3_server.client(), directory, bucket, f'mix/d{k}')
+    dataset = MixtureDataset([DomainSource(name, str(tmp_path / 'cache' / name), remote=f's3://{bucket}/mix/d{k}')
+                              for k, name in enumerate(['books', 'forums'])], validate_hash='xxh64')
+    loader = build_mixture_dataloader(dataset, BATCH, weights=[0.5, 0.5], shuffle=False, num_workers=0,
+                                      rank=0, world_size=1)
+    # Four steps read forums samples 0..15, the corrupted one among them. A daemon thread reads, so
+    # that a hang fails this test instead of stalling the suite.
+    outcome = {}
+
+    def read() -> None:
+        try:
+            outcome['steps'] = take(loader, dataset, 4)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            outcome['error'] = error
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=45)  # reading 4 small batches takes about a second; this only detects a hang
+    if reader.is_alive():
+        pytest.fail('the loader hung on a shard that failed its hash check')
+    error = outcome.get('error')
+    if error is None:
+        pytest.fail('a shard that fails its xxh64 check was read without an error')
+    if isinstance(error, AssertionError):
+        pytest.fail(f'corrupted samples were yielded: {error}')
+    assert 'forums' in str(error), f'the error does not name the domain: {error!r}'
 
 
 @pytest.mark.xfail(strict=True, reason='known bug (open): a missing remote domain is not named in the error')
