@@ -425,8 +425,8 @@ def test_project_to_bounds_matches_bisection_and_kkt(data, num_domains):
         shift = weights[free] - projected[free]
         np.testing.assert_allclose(shift, shift[0], atol=1e-9)
         wide = raw_upper - raw_lower > 1e-6  # a box this narrow is both bounds at once
-        at_lower = ~free & wide & np.isclose(projected, raw_lower, atol=1e-9)
-        at_upper = ~free & wide & np.isclose(projected, raw_upper, atol=1e-9)
+        at_lower = ~free & wide & np.isclose(projected, raw_lower, rtol=0, atol=1e-9)
+        at_upper = ~free & wide & np.isclose(projected, raw_upper, rtol=0, atol=1e-9)
         assert (weights[at_lower] - shift[0] <= raw_lower[at_lower] + 1e-8).all()
         assert (weights[at_upper] - shift[0] >= raw_upper[at_upper] - 1e-8).all()
 
