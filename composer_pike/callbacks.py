@@ -25,18 +25,24 @@ class DomainEvalSummary(Callback):
 
 
 class JsonlLogger(LoggerDestination):
-    """Appends every logged metric as a JSON line ``{"step": batch, "<name>": value}`` (rank 0 only)."""
+    """Appends every logged metric as a JSON line ``{"step": batch, "<name>": value}``.
+
+    Rank 0 only, unless ``path`` contains ``{rank}``: then every rank writes its own file. Appending
+    means an autoresumed run continues the same file.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: Optional[Any] = None
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        if dist.get_global_rank() != 0:
+        per_rank = '{rank}' in self.path
+        if not per_rank and dist.get_global_rank() != 0:
             return
         if self._file is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._file = open(self.path, 'a')
+            path = self.path.replace('{rank}', str(dist.get_global_rank()))
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, 'a')
         values = {name: float(value) for name, value in metrics.items() if _is_number(value)}
         if values:
             self._file.write(json.dumps({'step': step, **values}) + '\n')
@@ -96,3 +102,22 @@ class MixtureMonitor(Callback):
     def _stop_if_finished(state: State, mixture) -> None:
         if mixture.finished:
             state.stop_training()
+
+
+class RestoreRngState(Callback):
+    """Restores a checkpoint's RNG states right after the first resumed batch is drawn.
+
+    Composer 0.32 restores them only at an epoch start or while replaying (spinning) the loader; a
+    loader that resumes itself mid-epoch (the mixture loader) would otherwise go on with fresh RNG
+    streams (other dropout masks), and a resumed run would drift from the uninterrupted one. In that
+    run the RNG states at this point are the ones saved with the checkpoint.
+    """
+
+    def __init__(self, rng_state: list[dict[str, Any]]) -> None:
+        self.rng_state: Optional[list[dict[str, Any]]] = rng_state
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        if self.rng_state is not None:
+            from composer.utils import reproducibility
+            reproducibility.load_rng_state(self.rng_state)
+            self.rng_state = None

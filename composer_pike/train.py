@@ -1,32 +1,34 @@
 """Train a causal LM on a pike-prep mixture from YAML: ``composer -n N -m composer_pike.train cfg.yaml k=v ...``.
 
-The YAML is merged onto the typed schema below (omegaconf structured config), so an unknown or
-misspelled key and a value of the wrong type fail before any data is touched, naming the key.
+The YAML is merged onto the typed schema below (omegaconf structured config). :func:`load_config`
+rejects an unknown or misspelled key, a wrongly typed value, an unknown choice (policy, precision,
+FSDP option, logger option, ...) and a bad duration string with one message naming the key and the
+closest valid name. :func:`train` then checks what depends on the machine (a GPU for FSDP1 and
+mixed precision, optional logger packages) and only then reads the manifest and the data.
 Dotlist overrides (``trainer.max_duration=200ba``) follow the YAML path.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
+import inspect
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from torch.utils.data import IterableDataset
 from omegaconf.errors import ConfigKeyError, ValidationError
+from torch.utils.data import IterableDataset
 
-from composer_pike.policies import check_policy
-
-log = logging.getLogger(__name__)
+from composer_pike.policies import check_policy, named_weights
 
 
 @dataclass
 class DataConfig:
     manifest: str = MISSING              # pike-prep output: a directory, manifest.json, or s3://...
-    cache_root: Optional[str] = None     # local cache for remote data (default: <save_folder or /tmp>/cache)
+    cache_root: Optional[str] = None     # local cache for remote data (default: <run_dir>/cache/node<N>)
     global_batch_size: int = 32          # samples per optimizer step over all ranks
     num_workers: int = 2
     prefetch_factor: int = 2
@@ -58,7 +60,9 @@ class PiKEConfig:
 @dataclass
 class MixingConfig:
     policy: str = 'pike'                 # pike | balanced_pike | mix | fixed | temperature | random | round_robin
-    weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for pike/mix/random
+    weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for pike/balanced_pike/mix/random
+    preset: Optional[str] = None         # a name in `presets`: its weights become `weights`
+    presets: dict[str, Optional[dict[str, float]]] = field(default_factory=dict)  # named weight sets; ??? = unset
     temperature: float = 3.0             # for policy temperature (w ~ n^(1/T))
     tau: float = 3.0                     # for policy balanced_pike
     pike: PiKEConfig = field(default_factory=PiKEConfig)
@@ -87,18 +91,26 @@ class OptimizerConfig:
 @dataclass
 class TrainerConfig:
     max_duration: str = '200ba'
-    precision: str = 'fp32'              # fp32 | amp_bf16 | amp_fp16
+    precision: str = 'fp32'              # fp32 | amp_bf16 | amp_fp16 | amp_fp8 (the amp ones need a GPU)
     device: Optional[str] = None         # cpu | gpu (default: gpu if available)
-    device_train_microbatch_size: Optional[int] = None
+    device_train_microbatch_size: Optional[int] = None  # default: auto on GPU, the whole rank batch on CPU
     eval_interval: str = '50ba'
-    save_folder: Optional[str] = None    # local path or s3://bucket/prefix
+    save_folder: Optional[str] = None    # local path or s3://bucket/prefix ({run_name} is filled in)
     save_interval: str = '100ba'
     save_num_checkpoints_to_keep: int = -1
-    autoresume: bool = False
-    fsdp: Optional[dict[str, Any]] = None  # Composer FSDP options; fsdp_version: 2 selects FSDP2
+    autoresume: bool = False             # resume from the latest checkpoint in save_folder (needs save_folder)
+    fsdp: Optional[dict[str, Any]] = None  # Composer FSDP options; fsdp_version: 1 | 2 (default: $FSDP_VERSION or 1)
     progress_bar: bool = True
-    console_log_interval: str = '10ba'
-    log_file: Optional[str] = None       # metrics as JSON lines (default: <run_dir>/metrics.jsonl)
+    console_log_interval: str = '10ba'   # console lines when progress_bar is off
+    log_file: Optional[str] = None       # JSON-lines metrics (default <run_dir>/metrics.jsonl); {rank}: one per rank
+
+
+@dataclass
+class LoggersConfig:
+    """Experiment trackers: the Composer logger's arguments as a mapping ({} = its defaults); null = off."""
+    wandb: Optional[dict[str, Any]] = None        # composer.loggers.WandBLogger (needs `pip install wandb`)
+    mlflow: Optional[dict[str, Any]] = None       # composer.loggers.MLFlowLogger (needs `pip install mlflow`)
+    tensorboard: Optional[dict[str, Any]] = None  # composer.loggers.TensorboardLogger (needs `pip install tensorboard`)
 
 
 @dataclass
@@ -111,41 +123,55 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+
+
+# name -> (Composer logger class, the package it needs)
+OPTIONAL_LOGGERS = {'wandb': ('WandBLogger', 'wandb'), 'mlflow': ('MLFlowLogger', 'mlflow'),
+                    'tensorboard': ('TensorboardLogger', 'tensorboard')}
+DURATION_KEYS = ('trainer.max_duration', 'trainer.eval_interval', 'trainer.save_interval',
+                 'trainer.console_log_interval', 'optimizer.warmup')
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported in one line naming the key."""
 
 
-def _suggest(key: str, node: Any) -> str:
-    options = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-    close = difflib.get_close_matches(key, options, n=1)
+def _closest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean '{close[0]}'?" if close else ''
 
 
+def _choice(key: str, value: Any, options: Sequence[Any]) -> None:
+    if value not in options:
+        raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, options))}, got "
+                          f"'{value}'{_closest(str(value), map(str, options))}")
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> DictConfig:
-    """YAML file + dotlist overrides merged onto :class:`TrainConfig`, validated."""
+    """YAML file + dotlist overrides merged onto :class:`TrainConfig`, validated (see :func:`validate`)."""
+    import yaml
+
     schema = OmegaConf.structured(TrainConfig)
-    layers = [OmegaConf.load(path)] if path else []
+    try:
+        layers = [OmegaConf.load(path)] if path else []
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f'{path}: ' + ' '.join(str(error).split())) from None
     layers += [OmegaConf.from_dotlist(list(overrides or []))]
     try:
         config = OmegaConf.merge(schema, *layers)
-        missing = sorted(OmegaConf.missing_keys(config))
+        # Unset presets (???) are placeholders: an error only when selected (validate).
+        missing = sorted(k for k in OmegaConf.missing_keys(config) if not k.startswith('mixing.presets.'))
         if missing:
-            raise ConfigError(f'missing required key {missing[0]}')
+            raise ConfigError(f"missing required key '{missing[0]}'")
         OmegaConf.resolve(config)
     except (ConfigKeyError, ValidationError) as error:
-        key = getattr(error, 'full_key', None) or getattr(error, 'key', None) or '?'
-        leaf = str(key).rsplit('.', 1)[-1]
-        parent = _schema_node(str(key).rsplit('.', 1)[0] if '.' in str(key) else '')
+        key = str(getattr(error, 'full_key', None) or getattr(error, 'key', None) or '?')
+        parent = _schema_node(key.rsplit('.', 1)[0] if '.' in key else '')
+        options = [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
         reason = str(error).splitlines()[0]
-        raise ConfigError(f"config key '{key}': {reason}{_suggest(leaf, parent)}") from None
-    check_policy(config.mixing.policy)
-    if config.data.on_exhausted not in ('repeat', 'drop', 'stop'):
-        raise ConfigError(f"config key 'data.on_exhausted': must be repeat, drop or stop, got "
-                          f"'{config.data.on_exhausted}'")
-    if config.model.family not in ('gpt2', 'llama'):
-        raise ConfigError(f"config key 'model.family': must be gpt2 or llama, got '{config.model.family}'")
+        raise ConfigError(f"config key '{key}': {reason}{_closest(key.rsplit('.', 1)[-1], options)}") from None
+    validate(config)
     return config
 
 
@@ -154,6 +180,145 @@ def _schema_node(path: str) -> Any:
     for part in filter(None, path.split('.')):
         node = getattr(node, part, None)
     return node
+
+
+def validate(config: DictConfig) -> None:
+    """Value checks beyond the schema's types; resolves ``mixing.preset`` into ``mixing.weights``."""
+    import composer.loggers
+    from composer.core import Precision, Time
+
+    from composer_pike.algorithm import PiKE
+
+    try:
+        check_policy(config.mixing.policy)
+    except ValueError as error:
+        raise ConfigError(f"config key 'mixing.policy': {error}") from None
+    _choice('data.on_exhausted', config.data.on_exhausted, ('repeat', 'drop', 'stop'))
+    _choice('model.family', config.model.family, ('gpt2', 'llama'))
+    _choice('trainer.precision', config.trainer.precision, [p.value for p in Precision])
+    _choice('trainer.device', config.trainer.device, (None, 'cpu', 'gpu'))
+    for key in DURATION_KEYS:
+        value = OmegaConf.select(config, key)
+        try:
+            Time.from_timestring(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': '{value}' is not a duration; write e.g. 100ba (batches), "
+                              f"1ep, 2048sp (samples), 1000000tok or 0.5dur") from None
+    _resolve_preset(config.mixing)
+    if config.mixing.policy == 'fixed' and not config.mixing.weights:
+        raise ConfigError("config key 'mixing.weights': mixing.policy=fixed needs mixing.weights or mixing.preset"
+                          + (f" (presets: {', '.join(config.mixing.presets)})" if config.mixing.presets else ''))
+    if config.mixing.weights:  # the values here; the domain names against the manifest in train()
+        try:
+            named_weights(dict(config.mixing.weights), list(config.mixing.weights))
+        except ValueError as error:
+            raise ConfigError(f"config key 'mixing.weights': {error}") from None
+    try:
+        PiKE(tau=config.mixing.tau, **OmegaConf.to_container(config.mixing.pike))
+    except ValueError as error:
+        raise ConfigError(f"config key 'mixing.pike': {error}") from None
+    parallelism_config(config.trainer.fsdp)
+    for name, options in config.loggers.items():
+        if options is not None:
+            accepted = inspect.signature(getattr(composer.loggers, OPTIONAL_LOGGERS[name][0])).parameters
+            for option in options:
+                if option not in accepted:
+                    raise ConfigError(f"config key 'loggers.{name}.{option}': not an option of "
+                                      f"{OPTIONAL_LOGGERS[name][0]}{_closest(option, accepted)}")
+    if config.trainer.autoresume and not config.trainer.save_folder:
+        raise ConfigError("config key 'trainer.autoresume': needs trainer.save_folder (a local path or s3://...)")
+
+
+def _resolve_preset(mixing: DictConfig) -> None:
+    if mixing.preset is None:
+        return
+    name = mixing.preset
+    if name not in mixing.presets:
+        raise ConfigError(f"config key 'mixing.preset': no preset '{name}'{_closest(name, mixing.presets)} "
+                          f"(presets: {', '.join(mixing.presets) or 'none'})")
+    if mixing.weights:
+        raise ConfigError("config key 'mixing.preset': set mixing.preset or mixing.weights, not both")
+    weights = mixing.presets[name]
+    unset = [] if weights is None else [d for d in weights if OmegaConf.is_missing(weights, d)]
+    if weights is None or unset:
+        raise ConfigError(f"config key 'mixing.presets.{name}': a placeholder without numbers"
+                          f"{' for ' + ', '.join(unset) if unset else ''}; fill in the weights before selecting it")
+    mixing.weights = weights
+
+
+def fsdp_version(fsdp: DictConfig | None) -> int | None:
+    """1 (FSDP1) or 2 (FSDP2) from ``trainer.fsdp.fsdp_version``, else ``$FSDP_VERSION`` (Composer's switch), else 1."""
+    if fsdp is None:
+        return None
+    version = fsdp.get('fsdp_version', None) or int(os.environ.get('FSDP_VERSION', 1))
+    _choice('trainer.fsdp.fsdp_version', version, (1, 2))
+    return version
+
+
+def parallelism_config(fsdp: DictConfig | None) -> dict[str, Any] | None:
+    """Composer's parallelism_config from ``trainer.fsdp``: an FSDP2Config or FSDPConfig.
+
+    An option of neither version fails naming it; an option only the other version has (FSDP1's
+    ``sharding_strategy`` under FSDP2, say) is dropped with a warning, so ``fsdp_version`` alone
+    switches a config between the two.
+    """
+    version = fsdp_version(fsdp)
+    if version is None:
+        return None
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+    def names(kind: type) -> list[str]:
+        return [f.name for f in dataclasses.fields(kind) if not f.name.startswith('_')]
+
+    kind, other = (FSDP2Config, FSDPConfig) if version == 2 else (FSDPConfig, FSDP2Config)
+    options = {}
+    for option, value in OmegaConf.to_container(fsdp).items():
+        if option == 'fsdp_version':
+            continue
+        if option in names(kind):
+            options[option] = value
+        elif option in names(other):
+            warnings.warn(f'trainer.fsdp.{option} is an FSDP{3 - version} option: ignored under FSDP{version}')
+        else:
+            raise ConfigError(f"config key 'trainer.fsdp.{option}': not an FSDP option"
+                              f"{_closest(option, names(FSDPConfig) + names(FSDP2Config))}")
+    try:
+        return {'fsdp': kind(**options)}
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config key 'trainer.fsdp': {error}") from None
+
+
+def check_machine(config: DictConfig, device: str) -> None:
+    """What the config asks of this machine: a GPU for gpu/FSDP1/mixed precision."""
+    import torch
+
+    if device == 'gpu' and not torch.cuda.is_available():
+        raise ConfigError("config key 'trainer.device': gpu, but torch sees no GPU; set trainer.device=cpu")
+    if device == 'cpu':
+        if config.trainer.precision != 'fp32':
+            raise ConfigError(f"config key 'trainer.precision': {config.trainer.precision} needs a GPU "
+                              f"(Composer allows only fp32 on CPU); set trainer.precision=fp32")
+        if fsdp_version(config.trainer.fsdp) == 1:
+            raise ConfigError("config key 'trainer.fsdp': FSDP1 needs a GPU (Composer calls torch.cuda); "
+                              "set trainer.fsdp.fsdp_version=2 on CPU")
+
+
+def build_loggers(config: DictConfig) -> list:
+    """The configured optional loggers; a missing package is a :class:`ConfigError` naming the key."""
+    import composer.loggers
+    from composer.utils import MissingConditionalImportError
+
+    loggers = []
+    for name, options in config.loggers.items():
+        if options is None:
+            continue
+        class_name, package = OPTIONAL_LOGGERS[name]
+        try:
+            loggers.append(getattr(composer.loggers, class_name)(**OmegaConf.to_container(options)))
+        except MissingConditionalImportError:
+            raise ConfigError(f"config key 'loggers.{name}': {class_name} is configured but the '{package}' "
+                              f"package is not installed (pip install {package})") from None
+    return loggers
 
 
 def build_model(config: DictConfig, vocab_size: int, seq_len: int, eos_token_id: int, pad_token_id: int):
@@ -190,8 +355,7 @@ def build_evaluators(config: DictConfig, cache_root: str) -> list:
 
     evaluators = []
     for index, source in enumerate(sources_from_manifest(config.data.manifest, 'val', cache_root)):
-        local = source.local if source.remote is None else f'{source.local}-val'
-        dataset = StreamingDataset(remote=source.remote, local=local, shuffle=False,
+        dataset = StreamingDataset(remote=source.remote, local=source.local, shuffle=False,
                                    batch_size=config.data.eval_batch_size, validate_hash=config.data.validate_hash)
         loader = DataLoader(ValSplit(dataset, index), batch_size=config.data.eval_batch_size,
                             collate_fn=collate_samples, num_workers=0)
@@ -216,27 +380,33 @@ class ValSplit(IterableDataset):
         return len(self.dataset)
 
 
-def parallelism_config(fsdp: DictConfig | None) -> dict[str, Any] | None:
-    """Composer's parallelism_config from ``trainer.fsdp``; ``fsdp_version: 2`` selects FSDP2."""
-    if not fsdp:
-        return None
-    options = OmegaConf.to_container(fsdp)
-    if int(options.pop('fsdp_version', 1)) == 2:
-        from composer.utils.parallelism import FSDP2Config
-        return {'fsdp': FSDP2Config.from_compatible_attrs(options)}
-    return {'fsdp': options}
+def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``: the config as flat hyperparameters for the trackers."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
 
 
 def main(argv: list[str] | None = None) -> Any:
     """Parse ``CONFIG.yaml [key=value ...]``, build everything and run ``Trainer.fit``; returns the trainer."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ('-h', '--help'):
+        print(__doc__.strip().splitlines()[0], '\n\nSchema with defaults:\n', OmegaConf.to_yaml(TrainConfig), sep='')
+        return None
     path = argv[0] if argv and not ('=' in argv[0] and not argv[0].endswith(('.yaml', '.yml'))) else None
     config = load_config(path, argv[1:] if path else argv)
     return train(config)
 
 
-def train(config: DictConfig) -> Any:
-    """Build data, model, algorithm and Trainer from a validated config and fit."""
+def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
+    """Build data, model, algorithm and Trainer from a validated config and fit; returns the trainer.
+
+    ``callbacks`` are added to the trainer's own (per-domain eval summary, mixture monitor, lr).
+    """
     import torch
     from composer import Trainer
     from composer.algorithms import GradientClipping
@@ -246,22 +416,29 @@ def train(config: DictConfig) -> Any:
     from composer.utils import dist, get_device, reproducibility
 
     from composer_pike.algorithm import PiKE
-    from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor
+    from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor, RestoreRngState
     from composer_pike.data import MixtureDataset, build_mixture_dataloader, read_manifest, sources_from_manifest
     from composer_pike.policies import plan_policy
 
-    reproducibility.seed_all(config.seed)
     device = config.trainer.device or ('gpu' if torch.cuda.is_available() else 'cpu')
+    check_machine(config, device)
+    trackers = build_loggers(config)
+    reproducibility.seed_all(config.seed)
     # One process group before any StreamingDataset: otherwise each builds and tears down its own.
     dist.initialize_dist(get_device(device))
     os.makedirs(config.run_dir, exist_ok=True)
     cache_root = config.data.cache_root or os.path.join(config.run_dir, 'cache', f'node{dist.get_node_rank()}')
     manifest = read_manifest(config.data.manifest, cache_root)
+    mixing = config.mixing
+    weights = OmegaConf.to_container(mixing.weights) if mixing.weights else None
+    if weights:  # before any shard is read
+        try:
+            named_weights(weights, list(manifest['domains']))
+        except ValueError as error:
+            raise ConfigError(f"config key 'mixing.weights': {error}") from None
     dataset = MixtureDataset(sources_from_manifest(config.data.manifest, 'train', cache_root),
                              validate_hash=config.data.validate_hash)
-    mixing = config.mixing
-    plan = plan_policy(mixing.policy, dataset.domain_names, dataset.domain_sizes,
-                       weights=OmegaConf.to_container(mixing.weights) if mixing.weights else None,
+    plan = plan_policy(mixing.policy, dataset.domain_names, dataset.domain_sizes, weights=weights,
                        temperature=mixing.temperature, tau=mixing.tau)
     loader = build_mixture_dataloader(dataset, config.data.global_batch_size, weights=plan.weights,
                                       batching=plan.batching, on_exhausted=config.data.on_exhausted,
@@ -279,7 +456,8 @@ def train(config: DictConfig) -> Any:
     optimizer = DecoupledAdamW(model.parameters(), lr=config.optimizer.lr, betas=tuple(config.optimizer.betas),
                                weight_decay=config.optimizer.weight_decay)
     scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=config.optimizer.warmup, alpha_f=config.optimizer.alpha_f)
-    log_file = config.trainer.log_file or os.path.join(config.run_dir, 'metrics.jsonl')
+    loggers = [FileLogger(os.path.join(config.run_dir, 'log-rank{rank}.txt')),
+               JsonlLogger(config.trainer.log_file or os.path.join(config.run_dir, 'metrics.jsonl')), *trackers]
     trainer = Trainer(
         run_name=config.run_name,
         model=model,
@@ -290,8 +468,8 @@ def train(config: DictConfig) -> Any:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
-        callbacks=[LRMonitor(), DomainEvalSummary(), MixtureMonitor()],
-        loggers=[FileLogger(os.path.join(config.run_dir, 'log.txt')), JsonlLogger(log_file)],
+        callbacks=[LRMonitor(), DomainEvalSummary(), MixtureMonitor(), *callbacks],
+        loggers=loggers,
         precision=config.trainer.precision,
         device=device,
         device_train_microbatch_size=config.trainer.device_train_microbatch_size or
@@ -307,7 +485,15 @@ def train(config: DictConfig) -> Any:
         console_log_interval=config.trainer.console_log_interval,
         seed=config.seed,
     )
-    trainer.fit()
+    if trainer._rng_state is not None and int(trainer.state.timestamp.batch_in_epoch) > 0:
+        trainer.state.callbacks.append(RestoreRngState(trainer._rng_state))  # see RestoreRngState
+        trainer._rng_state = None
+    trainer.logger.log_hyperparameters({  # DTensor when FSDP2 really sharded the model
+        **flatten(OmegaConf.to_container(config)), 'parameter_type': type(next(model.parameters())).__name__})
+    try:
+        trainer.fit()
+    finally:  # flush loggers and finish checkpoint uploads, also when training fails
+        trainer.close()
     return trainer
 
 

@@ -1,16 +1,56 @@
-"""The YAML training entry point: schema validation, policies, and a tiny end-to-end run."""
+"""The YAML training entry point: schema validation, the shipped yamls, policies, loggers, end-to-end runs,
+autoresume from a local folder and from s3:// (moto), and two FSDP2 processes through the composer launcher."""
+import glob
 import json
+import multiprocessing
 import os
+import subprocess
+import sys
+import time
+import types
 
 import numpy as np
 import pytest
+from composer import Callback
 from mds_helpers import write_domain
 
-from composer_pike.policies import plan_policy, temperature_weights
-from composer_pike.train import ConfigError, load_config, main
+from composer_pike.policies import POLICIES, plan_policy, temperature_weights
+from composer_pike.train import ConfigError, build_loggers, check_machine, load_config, main, train
+from test_data import free_port, with_private_shm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_YAML = os.path.join(REPO, 'yamls', 'demo_cpu.yaml')
+MULTILINGUAL_YAML = os.path.join(REPO, 'yamls', 'multilingual_gpt2_small.yaml')
+GLAM_YAML = os.path.join(REPO, 'yamls', 'six_domain_glam.yaml')
+YAMLS = sorted(glob.glob(os.path.join(REPO, 'yamls', '*.yaml')))
+DOMAINS = ('d0', 'd1', 'd2')
+TOTAL, CUT, CRASH = 8, 4, 6  # steps; checkpoints every CUT steps; the interrupted run dies after step CRASH
+TINY = ['data.global_batch_size=8', 'data.num_workers=2', 'data.eval_batch_size=4', 'data.eval_max_batches=2',
+        'model.d_model=32', 'model.n_heads=2', 'mixing.pike.check_interval=2', 'mixing.pike.estimation_batch_size=8',
+        'mixing.pike.num_chunks=2', 'trainer.progress_bar=false', f'trainer.max_duration={TOTAL}ba',
+        f'trainer.eval_interval={CUT}ba', 'optimizer.warmup=2ba']
+
+
+# ------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize('path', YAMLS, ids=os.path.basename)
+def test_every_yaml_validates_and_selects_every_policy_by_one_key(path):
+    config = load_config(path)
+    assert config.run_name and config.data.manifest
+    if config.trainer.autoresume:
+        assert config.trainer.save_folder
+    for policy in POLICIES:
+        extra = ['mixing.weights={a: 1, b: 3}'] if policy == 'fixed' else []
+        assert load_config(path, [f'mixing.policy={policy}', *extra]).mixing.policy == policy
+    # GPU configs become CPU configs by overrides alone (and are refused on CPU without them).
+    cpu = ['trainer.device=cpu', 'trainer.precision=fp32']
+    if config.trainer.fsdp is not None:
+        cpu.append('trainer.fsdp.fsdp_version=2')
+    check_machine(load_config(path, cpu), 'cpu')
+    if config.trainer.precision != 'fp32' or config.trainer.fsdp is not None:
+        with pytest.raises(ConfigError, match='needs a GPU'):
+            check_machine(config, 'cpu')
 
 
 def test_demo_yaml_validates():
@@ -21,22 +61,79 @@ def test_demo_yaml_validates():
 @pytest.mark.parametrize('override, key, hint', [
     ('trainer.max_durration=10ba', 'max_durration', "did you mean 'max_duration'"),
     ('data.global_batch_size=many', 'global_batch_size', ''),
+    ('trainer.autoresume=maybe', 'trainer.autoresume', ''),
     ('mixing.pike.check_intervl=5', 'check_intervl', "did you mean 'check_interval'"),
+    ('mixing.policy=round_robbin', 'mixing.policy', "did you mean 'round_robin'"),
+    ('trainer.precision=bf16', 'trainer.precision', "did you mean 'amp_bf16'"),
+    ('model.family=gpt3', 'model.family', "did you mean 'gpt2'"),
+    ('data.on_exhausted=repeats', 'data.on_exhausted', "did you mean 'repeat'"),
+    ('trainer.max_duration=10bb', 'trainer.max_duration', 'not a duration'),
+    ('optimizer.warmup=soon', 'optimizer.warmup', 'not a duration'),
+    ('trainer.fsdp.sharding_stratgy=FULL_SHARD', 'trainer.fsdp.sharding_stratgy', "did you mean 'sharding_strategy'"),
+    ('trainer.fsdp.fsdp_version=3', 'trainer.fsdp.fsdp_version', ''),
+    ('loggers.wandb.projct=pike', 'loggers.wandb.projct', "did you mean 'project'"),
+    ('loggers.neptune.project=pike', 'neptune', ''),
+    ('mixing.pike.num_chunks=1', 'mixing.pike', 'num_chunks'),
+    ('mixing.weights={d0: -1}', 'mixing.weights', 'non-negative'),
+    ('mixing.policy=fixed', 'mixing.weights', 'needs mixing.weights'),
+    ('trainer.autoresume=true', 'trainer.autoresume', 'save_folder'),
 ])
-def test_bad_keys_and_types_name_the_key(override, key, hint):
+def test_bad_keys_and_values_name_the_key(override, key, hint):
     with pytest.raises(ConfigError, match=key) as error:
         load_config(DEMO_YAML, [override])
     assert hint in str(error.value)
 
 
-def test_misspelled_policy_suggests_the_closest():
-    with pytest.raises(ValueError, match="did you mean 'round_robin'"):
-        load_config(DEMO_YAML, ['mixing.policy=round_robbin'])
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('trainer:\n  max_duration: [10ba\n')
+    with pytest.raises(ConfigError, match='bad.yaml'):
+        load_config(str(bad))
 
 
 def test_missing_manifest_is_reported():
     with pytest.raises(ConfigError, match='data.manifest'):
         load_config(None, ['run_name=x'])
+
+
+def test_weight_presets_resolve_and_placeholders_refuse():
+    with pytest.raises(ConfigError, match=r"mixing.presets.glam': a placeholder"):
+        load_config(GLAM_YAML, ['mixing.policy=fixed', 'mixing.preset=glam'])
+    with pytest.raises(ConfigError, match="did you mean 'doremi'"):
+        load_config(GLAM_YAML, ['mixing.preset=doremy'])
+    config = load_config(DEMO_YAML, ['mixing.policy=fixed', 'mixing.preset=mine', 'mixing.presets.mine.d0=1',
+                                     'mixing.presets.mine.d2=3'])
+    assert dict(config.mixing.weights) == {'d0': 1.0, 'd2': 3.0}
+    with pytest.raises(ConfigError, match='not both'):
+        load_config(DEMO_YAML, ['mixing.preset=mine', 'mixing.presets.mine.d0=1', 'mixing.weights.d1=1'])
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (['trainer.device=cpu', 'trainer.precision=amp_bf16'], "'trainer.precision': amp_bf16 needs a GPU"),
+    (['trainer.device=cpu', 'trainer.fsdp.fsdp_version=1'], "'trainer.fsdp': FSDP1 needs a GPU"),
+    (['trainer.device=cpu', 'loggers.tensorboard={}'], "'loggers.tensorboard'.*pip install tensorboard"),
+    (['trainer.device=cpu', 'mixing.weights.web=1'], "'mixing.weights'.*unknown domains \\['web'\\]"),
+])
+def test_machine_and_domain_errors_come_before_any_data_is_read(tmp_path, monkeypatch, overrides, match):
+    """The manifest names domains whose directories do not exist: reading any shard would fail differently."""
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # not installed, whatever this env has
+    root = tmp_path / 'data'
+    root.mkdir()
+    (root / 'manifest.json').write_text(json.dumps(manifest_json(16)))
+    with pytest.raises(ConfigError, match=match):
+        main([DEMO_YAML, f'data.manifest={root}', f'run_dir={tmp_path / "run"}', *overrides])
+
+
+def test_optional_loggers_are_built_when_their_package_imports(monkeypatch):
+    from composer.loggers import WandBLogger
+
+    monkeypatch.setitem(sys.modules, 'wandb', types.ModuleType('wandb'))
+    loggers = build_loggers(load_config(DEMO_YAML, ['loggers.wandb.project=pike', 'loggers.wandb.tags=[a]']))
+    assert len(loggers) == 1 and isinstance(loggers[0], WandBLogger) and loggers[0].project == 'pike'
+    assert build_loggers(load_config(DEMO_YAML)) == []
+    monkeypatch.setitem(sys.modules, 'wandb', None)
+    with pytest.raises(ConfigError, match="'loggers.wandb'.*'wandb' package is not installed"):
+        build_loggers(load_config(DEMO_YAML, ['loggers.wandb={}']))
 
 
 def test_policies_resolve_to_loader_settings():
@@ -55,34 +152,208 @@ def test_policies_resolve_to_loader_settings():
         plan_policy('fixed', names, sizes, weights={'z': 1})
 
 
-def write_manifest(root, sizes, seq_len=16):
-    """A pike-prep style manifest over MDS domains written by mds_helpers."""
-    domains = {}
+# ------------------------------------------------------------------------------------- runs
+
+
+def manifest_json(seq_len: int) -> dict:
+    return {'format': 'composer-pike-manifest/1', 'seq_len': seq_len, 'seed': 0,
+            'tokenizer': {'name': 'test', 'vocab_size': 4200, 'eos_token_id': 1, 'pad_token_id': 0},
+            'domains': {name: {'splits': {split: {'path': f'{name}/{split}'} for split in ('train', 'val')}}
+                        for name in DOMAINS}}
+
+
+def write_manifest(root, sizes=(80, 60, 40), seq_len=16):
+    """A pike-prep style manifest over MDS domains written by mds_helpers (a fresh copy per run: every
+    StreamingDataset of a process needs its own local directory)."""
     for k, size in enumerate(sizes):
         for split, count in (('train', size), ('val', 12)):
             write_domain(os.path.join(root, f'd{k}', split), k, count, seq_len=seq_len)
-        domains[f'd{k}'] = {'splits': {split: {'path': f'd{k}/{split}'} for split in ('train', 'val')}}
-    manifest = {'format': 'composer-pike-manifest/1', 'seq_len': seq_len, 'seed': 0,
-                'tokenizer': {'name': 'test', 'vocab_size': 4200, 'eos_token_id': 1, 'pad_token_id': 0},
-                'domains': domains}
     with open(os.path.join(root, 'manifest.json'), 'w') as f:
-        json.dump(manifest, f)
-    return root
+        json.dump(manifest_json(seq_len), f)
+    return str(root)
 
 
-def test_train_entry_point_end_to_end(tmp_path):
-    data = write_manifest(str(tmp_path / 'data'), [80, 60, 40])
-    run_dir = tmp_path / 'run'
-    main([DEMO_YAML, f'data.manifest={data}', f'run_dir={run_dir}', 'data.global_batch_size=8',
-          'data.num_workers=0', 'data.eval_batch_size=4', 'model.d_model=32', 'model.n_heads=2',
-          'trainer.max_duration=6ba', 'trainer.eval_interval=3ba', 'mixing.pike.check_interval=2',
-          'mixing.pike.estimation_batch_size=8', 'mixing.pike.num_chunks=2', 'trainer.progress_bar=false'])
-    records = [json.loads(line) for line in open(run_dir / 'metrics.jsonl')]
-    names = set().union(*records)
-    for domain in ('d0', 'd1', 'd2'):
-        assert f'metrics/val_{domain}/LanguageCrossEntropy' in names
-        assert f'pike/weight/{domain}' in names and f'mixture/epochs/{domain}' in names
-    assert {'eval/avg_loss', 'eval/worst_loss'} <= names
-    worst = [r['eval/worst_loss'] for r in records if 'eval/worst_loss' in r]
-    per_domain = [r for r in records if 'metrics/val_d0/LanguageCrossEntropy' in r]
-    assert len(worst) == 2 and len(per_domain) == 2
+class BatchRecorder(Callback):
+    """The (domain, sample_id) pairs each step trains on, by 0-based step."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[tuple[int, int]]] = {}
+
+    def after_dataloader(self, state, logger) -> None:
+        pairs = zip(state.batch['domain'].tolist(), state.batch['sample_id'].tolist())
+        self.rows[int(state.timestamp.batch)] = list(pairs)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfter(Callback):
+    """Raises at the end of step ``step`` (1-based, after its checkpoint event), like a crash.
+
+    ``settle(state)`` runs at the end of every earlier step.
+    """
+
+    def __init__(self, step: int, settle=None) -> None:
+        self.step = step
+        self.settle = settle
+
+    def batch_checkpoint(self, state, logger) -> None:
+        if int(state.timestamp.batch) == self.step:
+            raise Interrupted(self.step)
+        if self.settle is not None:
+            self.settle(state)
+
+
+def read_series(path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in open(path):
+        record = json.loads(line)
+        for name, value in record.items():
+            if name != 'step':
+                series.setdefault(name, []).append((record['step'], value))
+    return series
+
+
+def run(root, name, *overrides, interrupt=None):
+    """One in-process run of the entry point on a fresh copy of the data.
+
+    Returns (trainer, or None when interrupted by an exception; the batch recorder; the metric series of this run).
+    """
+    recorder = BatchRecorder()
+    config = load_config(DEMO_YAML, [*TINY, f'data.manifest={write_manifest(root / f"data-{name}")}',
+                                     'run_name=resume', f'run_dir={root / "run"}',
+                                     f'trainer.log_file={root / f"{name}.jsonl"}', *overrides])
+    try:
+        trainer = train(config, callbacks=[recorder, *([interrupt] if interrupt else [])])
+    except Interrupted:
+        trainer = None
+    return trainer, recorder, read_series(root / f'{name}.jsonl')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp('uninterrupted')
+    return run(root, 'full', f'trainer.save_folder={root / "ckpt"}', f'trainer.save_interval={CUT}ba',
+               'trainer.autoresume=true', 'trainer.progress_bar=true')
+
+
+def test_train_entry_point_end_to_end(uninterrupted):
+    from composer.loggers import FileLogger, ProgressBarLogger
+
+    trainer, recorder, series = uninterrupted
+    assert int(trainer.state.timestamp.batch) == TOTAL and sorted(recorder.rows) == list(range(TOTAL))
+    destinations = trainer.logger.destinations
+    assert any(isinstance(d, ProgressBarLogger) for d in destinations)
+    assert [os.path.basename(d.filename) for d in destinations if isinstance(d, FileLogger)] == ['log-rank0.txt']
+    for domain in DOMAINS:
+        assert [b for b, _ in series[f'metrics/val_{domain}/LanguageCrossEntropy']] == [CUT, TOTAL]
+        assert f'pike/weight/{domain}' in series and f'mixture/epochs/{domain}' in series
+    for step, worst in series['eval/worst_loss']:
+        losses = [dict(series[f'metrics/val_{d}/LanguageCrossEntropy'])[step] for d in DOMAINS]
+        assert worst == pytest.approx(max(losses)) and dict(series['eval/avg_loss'])[step] == pytest.approx(
+            np.mean(losses))
+    weights = np.array([[v for _, v in series[f'pike/weight/{d}']] for d in DOMAINS])
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0)
+    assert not np.allclose(weights, 1 / 3)  # PiKE moved the weights
+
+
+def check_resumed_run(uninterrupted, interrupted, resumed) -> None:
+    """The interrupted run up to its checkpoint plus the resumed run equal the uninterrupted run exactly."""
+    _, full_rows, full = uninterrupted
+    _, first_rows, first = interrupted
+    trainer, second_rows, second = resumed
+    assert trainer.state.dataset_resumption.get('train') is True  # the loader state was restored, no spinning
+    assert sorted(first_rows.rows) == list(range(CRASH)) and sorted(second_rows.rows) == list(range(CUT, TOTAL))
+    assert {**{s: first_rows.rows[s] for s in range(CUT)}, **second_rows.rows} == full_rows.rows
+    keys = [f'pike/weight/{d}' for d in DOMAINS] + [f'metrics/val_{d}/LanguageCrossEntropy' for d in DOMAINS]
+    for key in keys:
+        assert [(b, v) for b, v in first[key] if b <= CUT] + second[key] == full[key], key
+    assert len(second['pike/weight/d0']) >= 2  # the resumed run made its own PiKE updates
+
+
+def autoresume_options(save_folder: str) -> list[str]:
+    return [f'trainer.save_folder={save_folder}', f'trainer.save_interval={CUT}ba', 'trainer.autoresume=true']
+
+
+def test_autoresume_from_a_local_folder(uninterrupted, tmp_path):
+    options = autoresume_options(str(tmp_path / 'ckpt'))
+    interrupted = run(tmp_path, 'first', *options, interrupt=InterruptAfter(CRASH))
+    assert interrupted[0] is None and (tmp_path / 'ckpt' / f'ep0-ba{CUT}-rank0.pt').is_file()
+    check_resumed_run(uninterrupted, interrupted, run(tmp_path, 'second', *options))
+
+
+def test_autoresume_from_s3(uninterrupted, s3_server, tmp_path, monkeypatch):
+    """Checkpoints on moto's S3; the resumed run starts in another directory, so it must download them.
+
+    Composer uploads a checkpoint's remote ``latest`` pointer only once it has seen the checkpoint on the
+    store (polling every 30 s; 0.2 s here) and at a later step's end, so the crash is made to come after
+    that, as it would for a job that dies some time after its last checkpoint.
+    """
+    from composer.callbacks import CheckpointSaver
+    from composer.utils import remote_uploader
+
+    init = CheckpointSaver.__init__
+
+    def fast_poll(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._symlink_upload_wait_before_next_try_in_seconds = 0.2
+
+    def uploads_confirmed(state) -> None:
+        saver = next(c for c in state.callbacks if isinstance(c, CheckpointSaver))
+        deadline = time.monotonic() + 120
+        while not all(future.done() for future, _, _ in saver.symlink_upload_tasks):
+            assert time.monotonic() < deadline, 'checkpoint upload not confirmed in 120 s'
+            time.sleep(0.1)
+
+    monkeypatch.setattr(CheckpointSaver, '__init__', fast_poll)
+    # Composer's upload pools spawn fresh interpreters that import torch (tens of seconds on 2 busy cores);
+    # forked ones start at once. Test time only.
+    monkeypatch.setattr(remote_uploader, 'multiprocessing', types.SimpleNamespace(
+        get_context=lambda method: multiprocessing.get_context('fork')))
+    bucket = s3_server.create_bucket('pike-train-resume')
+    options = autoresume_options(f'{bucket}/checkpoints/resume')
+    for node in ('node-a', 'node-b'):
+        (tmp_path / node).mkdir()
+    monkeypatch.chdir(tmp_path / 'node-a')
+    interrupted = run(tmp_path, 'first', *options, interrupt=InterruptAfter(CRASH, settle=uploads_confirmed))
+    assert interrupted[0] is None
+    keys = {o['Key'] for o in s3_server.client().list_objects_v2(Bucket='pike-train-resume')['Contents']}
+    assert {f'checkpoints/resume/ep0-ba{CUT}-rank0.pt', 'checkpoints/resume/latest-rank0.pt.symlink'} <= keys, keys
+    monkeypatch.chdir(tmp_path / 'node-b')
+    resumed = run(tmp_path, 'second', *options)
+    assert list((tmp_path / 'node-b').rglob('latest-rank0.pt'))  # Composer downloaded the checkpoint from S3 here
+    check_resumed_run(uninterrupted, interrupted, resumed)
+
+
+# ------------------------------------------------------------------------------------- two processes
+
+
+def test_two_fsdp2_processes_through_the_composer_launcher(tmp_path):
+    """The paper-like GPU yaml, shrunk and moved to CPU by overrides, under `composer -n 2 -m composer_pike.train`."""
+    data = write_manifest(tmp_path / 'data')
+    out = tmp_path / 'out'
+    (tmp_path / 'tmp').mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR',
+                        'MASTER_PORT', 'FSDP_VERSION')}
+    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', TOKENIZERS_PARALLELISM='false',
+               TMPDIR=str(tmp_path / 'tmp'), PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
+    overrides = [*TINY, 'data.num_workers=0', f'data.manifest={data}', f'run_dir={out}', 'model.n_layers=2',
+                 'trainer.device=cpu', 'trainer.precision=fp32', 'trainer.fsdp.fsdp_version=2',
+                 'trainer.device_train_microbatch_size=null', 'trainer.save_folder=null', 'trainer.autoresume=false',
+                 f'trainer.log_file={out}/metrics-rank{{rank}}.jsonl']
+    command = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
+               '--stdout', str(tmp_path / 'rank{rank}.stdout'), '--stderr', str(tmp_path / 'rank{rank}.stderr'),
+               '-m', 'composer_pike.train', MULTILINGUAL_YAML, *overrides]
+    done = subprocess.run(with_private_shm(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    logs = ''.join(p.read_text()[-3000:] for p in sorted(tmp_path.glob('rank*.std*')))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:] + logs
+    rank0, rank1 = (read_series(out / f'metrics-rank{r}.jsonl') for r in (0, 1))
+    for domain in DOMAINS:
+        key = f'pike/weight/{domain}'
+        assert rank0[key] == rank1[key] and len(rank0[key]) == TOTAL // 2, key  # identical on both ranks
+        assert [b for b, _ in rank0[f'metrics/val_{domain}/LanguageCrossEntropy']] == [CUT, TOTAL]
+    assert {'eval/avg_loss', 'eval/worst_loss'} <= set(rank0)
+    assert not np.allclose([rank0[f'pike/weight/{d}'][-1][1] for d in DOMAINS], 1 / 3)
+    assert '[hyperparameter]: parameter_type: "DTensor"' in (out / 'log-rank0.txt').read_text()  # sharded by FSDP2
