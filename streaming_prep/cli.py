@@ -2,7 +2,8 @@
 
 Options come from, lowest priority first: prepare()'s defaults, the YAML config, the flags.
 Domains from --domain flags are added to (or replace same-named) domains from the config.
-Every user error is one line on stderr and exit code 2.
+Every user error is one line on stderr and exit code 2; every printed line goes through
+errors.safe_line (no credentials, no control characters).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
-from streaming_prep.errors import PrepError, describe
+from streaming_prep.errors import PrepError, describe, safe_line
 from streaming_prep.pipeline import prepare
 
 PROG = "pike-prep"
@@ -65,13 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"{PROG}: error: {describe(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {safe_line(describe(err))}", file=sys.stderr)
         return 2
     for name, domain in manifest["domains"].items():
-        counts = ", ".join(f"{split} {info['samples']} samples" for split, info in domain["splits"].items())
-        print(f"{name}: {domain['documents']} documents, {domain['bytes']} bytes -> {counts}")
-    print(f"wrote {out}")
+        print(summary_line(name, domain))
+    print(f"wrote {safe_line(out)}")
     return 0
+
+
+def summary_line(name: str, domain: dict) -> str:
+    """One domain's manifest entry as one line, with what the decode policy did."""
+    counts = ", ".join(f"{split} {info['samples']} samples" for split, info in domain["splits"].items())
+    line = f"{name}: {domain['documents']} documents, {domain['bytes']} bytes -> {counts}"
+    decode = domain["decode_errors"]
+    if decode["replaced_chars"]:
+        line += f"; {decode['replaced_chars']} invalid characters replaced by U+FFFD"
+    if decode["skipped_documents"]:
+        line += f"; {decode['skipped_documents']} documents with invalid text skipped"
+    return line
 
 
 def run(argv: Sequence[str] | None) -> tuple[dict, str]:

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from streaming.base.storage.upload import CloudUploader
 from streaming.base.util import bytes_to_int
 from tqdm import tqdm
 
-from streaming_prep.errors import PrepError, describe
+from streaming_prep.errors import PrepError, describe, has_userinfo, redact
 from streaming_prep.readers import DECODE_POLICIES, DecodeStats, Source, file_sha256, read_documents, resolve_sources
 from streaming_prep.tokenizers import Tokenizer, load_tokenizer
 from streaming_prep.writer import pack, split_is_val, write_split
@@ -36,6 +37,7 @@ from streaming_prep.writer import pack, split_is_val, write_split
 MANIFEST_FORMAT = "composer-pike-manifest/1"
 MANIFEST_NAME = "manifest.json"
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_DOMAIN_NAME_CHARS = 128  # a directory name, also inside the loader's cache directories
 TOKENIZE_BATCH_BYTES = 4 << 20  # documents are tokenized in batches of about this many bytes
 DOMAIN_KEYS = ("path", "text_field")
 BuildOutput = Callable[[str, "str | None"], dict]  # (local root, remote root or None) -> manifest
@@ -101,6 +103,7 @@ def prepare(
         tokenizer, seq_len, val_fraction, seed, compression, hashes, size_limit, decode_errors, progress
     )
     specs = _check_domains(domains, text_field)
+    remote = _check_out(out, overwrite)
     loaded_tokenizer = load_tokenizer(tokenizer)
     sources = {}
     for name, (path, _) in specs.items():
@@ -108,8 +111,10 @@ def prepare(
             sources[name] = resolve_sources(path)
         except PrepError as err:
             raise err.in_domain(name) from None
+        except OSError as err:
+            raise PrepError(f"cannot read: {describe(err)}", domain=name, file=path) from None
     workers = min(len(specs), os.cpu_count() or 1) if workers is None else workers
-    if not isinstance(workers, int) or workers < 1:
+    if not _is_int(workers) or workers < 1:
         raise PrepError(f"workers must be an integer of at least 1 (got {workers!r})")
 
     def build(local_root: str, remote_root: str | None) -> dict:
@@ -134,9 +139,30 @@ def prepare(
             f.write("\n")
         return manifest
 
-    if "://" in out:
+    if remote:
         return _prepare_remote(out.rstrip("/"), overwrite, build)
     return _prepare_local(out, overwrite, build)
+
+
+def _check_out(out: str, overwrite: bool) -> bool:
+    """Check the output location and flag; return whether it is remote (a URL)."""
+    if not isinstance(out, str) or not out or "\0" in out:
+        raise PrepError(f"out must be a directory or a URL (got {out!r})")
+    if not isinstance(overwrite, bool):
+        raise PrepError(f"overwrite must be true or false (got {overwrite!r})")
+    remote = "://" in out
+    if remote and has_userinfo(out):
+        raise PrepError(
+            "credentials in the URL are not supported; give them to the object store's client "
+            "(for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials)",
+            file=out,
+        )
+    return remote
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (YAML's true/false are bools, which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _manifest(settings: Settings, tokenizer: Tokenizer, domains: dict[str, dict]) -> dict:
@@ -170,27 +196,33 @@ def _check_settings(
     decode_errors: str,
     progress: bool,
 ) -> Settings:
-    if not isinstance(seq_len, int) or seq_len < 2:
+    if not isinstance(tokenizer, str):
+        raise PrepError(f"tokenizer must be 'byte' or a tokenizer directory (got {tokenizer!r})")
+    if not _is_int(seq_len) or seq_len < 2:
         raise PrepError(f"seq_len must be an integer of at least 2 (got {seq_len!r})")
-    if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise PrepError(f"val_fraction must be a number in [0, 1) (got {val_fraction!r})")
-    if not isinstance(seed, int):
-        raise PrepError(f"seed must be an integer (got {seed!r})")
-    if decode_errors not in DECODE_POLICIES:
+    if not _is_int(seed) or seed < 0:
+        raise PrepError(f"seed must be a non-negative integer (got {seed!r})")
+    if not isinstance(decode_errors, str) or decode_errors not in DECODE_POLICIES:
         raise PrepError(f"decode_errors must be one of {', '.join(DECODE_POLICIES)} (got {decode_errors!r})")
     if compression in (None, "", "none"):
         compression = None
-    elif not is_compression(compression):
+    elif not isinstance(compression, str) or not is_compression(compression):
         raise PrepError(f"unknown compression {compression!r}")
     if isinstance(hashes, str):
         hashes = hashes.split(",")
+    if not isinstance(hashes, Sequence) or not all(isinstance(algorithm, str) for algorithm in hashes):
+        raise PrepError(f"hashes must be a list of hash names or a comma-separated string (got {hashes!r})")
     hashes = sorted(set(hashes) - {"none", ""})
     for algorithm in hashes:
         if not is_hash(algorithm):
             raise PrepError(f"unknown hash {algorithm!r}")
     try:
+        if not (_is_int(size_limit) or isinstance(size_limit, str)):
+            raise ValueError(size_limit)
         size_limit = bytes_to_int(size_limit)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infmb"
         raise PrepError(f"size_limit must be a number of bytes like 67108864 or 64mb (got {size_limit!r})") from None
     if not 0 < size_limit < 2**32:
         raise PrepError(f"size_limit must be between 1 and 2**32 - 1 bytes (got {size_limit})")
@@ -203,29 +235,55 @@ def _check_domains(domains: Mapping[str, str | Mapping[str, str]], text_field: s
     """name -> (path, text_field), with names safe to use as directory names."""
     if not domains:
         raise PrepError("no domains given (use --domain NAME=PATH or a config file)")
+    if not isinstance(text_field, str):
+        raise PrepError(f"text_field must be a string (got {text_field!r})")
     specs = {}
     for name, spec in domains.items():
-        if not DOMAIN_NAME.fullmatch(name) or name == MANIFEST_NAME:
+        if not is_valid_domain_name(name):
             raise PrepError(
-                f"invalid domain name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+                f"invalid domain name {name!r}: use at most {MAX_DOMAIN_NAME_CHARS} letters, digits, '_', '.' "
+                "and '-', starting with a letter or digit"
             )
         if isinstance(spec, str):
             specs[name] = (spec, text_field)
             continue
+        if not isinstance(spec, Mapping):
+            raise PrepError(f"expected a PATH or keys {', '.join(DOMAIN_KEYS)} (got {spec!r})", domain=name)
         unknown = [key for key in spec if key not in DOMAIN_KEYS]
         if unknown:
             raise PrepError(f"unknown key {unknown[0]!r} (expected {', '.join(DOMAIN_KEYS)})", domain=name)
         if not isinstance(spec.get("path"), str):
             raise PrepError("missing 'path'", domain=name)
+        if not isinstance(spec.get("text_field", text_field), str):
+            raise PrepError(f"text_field must be a string (got {spec['text_field']!r})", domain=name)
         specs[name] = (spec["path"], spec.get("text_field", text_field))
     return specs
 
 
+def is_valid_domain_name(name: object) -> bool:
+    """Whether name is safe as a directory name under the output: it cannot be empty, '.', '..',
+    hold a path separator or NUL, or start with '.' or '-'."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_DOMAIN_NAME_CHARS
+        and DOMAIN_NAME.fullmatch(name) is not None
+        and name != MANIFEST_NAME
+    )
+
+
 def _prepare_local(out: str, overwrite: bool, build: BuildOutput) -> dict:
-    """Build into out.tmp-<random> beside out, then rename it to out (replacing it if allowed)."""
+    """Build into out.tmp-<random> beside out, then rename it to out (replacing it if allowed).
+
+    Only an earlier pike-prep output (a directory with manifest.json) is ever replaced, so a
+    mistyped --out with --overwrite cannot delete, say, the current directory.
+    """
     final = os.path.abspath(out)
-    if os.path.lexists(final) and not _is_empty_dir(final) and not overwrite:
-        raise PrepError("output exists and is not empty (pass --overwrite to replace it)", file=out)
+    if os.path.lexists(final) and not _is_empty_dir(final):
+        if not overwrite:
+            raise PrepError("output exists and is not empty (pass --overwrite to replace it)", file=out)
+        if not os.path.isfile(os.path.join(final, MANIFEST_NAME)):
+            raise PrepError(f"output exists and is not a pike-prep output (no {MANIFEST_NAME}); "
+                            "refusing to replace it", file=out)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
     os.mkdir(staging)  # not mkdtemp: that makes the directory private (mode 0700)
@@ -270,10 +328,15 @@ def _prepare_remote(remote: str, overwrite: bool, build: BuildOutput) -> dict:
                 message = "cannot list this location to check that it is empty (pass --overwrite)"
                 raise PrepError(message, file=remote) from None
             existing = []
+        except Exception as err:
+            raise PrepError(f"cannot list: {describe(err)}", file=remote) from None
         if existing and not overwrite:
             raise PrepError("output exists and is not empty (pass --overwrite to replace it)", file=remote)
         manifest = build(staging, remote)
-        uploader.upload_file(MANIFEST_NAME)
+        try:
+            uploader.upload_file(MANIFEST_NAME)
+        except Exception as err:
+            raise PrepError(f"uploading {MANIFEST_NAME} failed: {describe(err)}", file=remote) from None
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -300,6 +363,8 @@ def process_domain(job: DomainJob) -> dict:
         return _process_domain(job)
     except PrepError as err:
         raise err.in_domain(job.name) from None
+    except OSError as err:  # writing the output (disk full, ...) or a source changed while read
+        raise PrepError(describe(err), domain=job.name) from None
 
 
 def _process_domain(job: DomainJob) -> dict:
@@ -358,7 +423,7 @@ def _process_domain(job: DomainJob) -> dict:
             "skipped_documents": stats.skipped_documents,
         },
         "sources": [
-            {"path": source.path, "bytes": os.path.getsize(source.path), "sha256": file_sha256(source.path)}
+            {"path": redact(source.path), "bytes": os.path.getsize(source.path), "sha256": file_sha256(source.path)}
             for source in job.sources
         ],
     }
@@ -369,7 +434,7 @@ def _domain_texts(job: DomainJob, stats: DecodeStats) -> Iterator[str]:
     for source in job.sources:
         try:
             yield from read_documents(source, job.text_field, job.settings.decode_errors, stats)
-        except (OSError, pa.ArrowException) as err:
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as err:  # EOFError: truncated gzip
             raise PrepError(f"cannot read: {describe(err)}", file=source.path) from None
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import zlib
+from concurrent.futures import Future
 
 import numpy as np
 from streaming import MDSWriter
 
-from streaming_prep.errors import PrepError
+from streaming_prep.errors import PrepError, describe
 
 
 def split_is_val(n_documents: int, val_fraction: float, seed: int, domain: str) -> np.ndarray:
@@ -51,6 +52,7 @@ class PackedMDSWriter(MDSWriter):
     """
 
     chunk_bytes = 16 << 20  # samples are encoded this many bytes at a time, to bound memory
+    upload_error: BaseException | None = None  # the first failed shard upload
 
     def write_samples(self, tokens: np.ndarray, domain: str) -> None:
         """Append samples (rows of tokens, all with this domain name), starting shards as needed."""
@@ -89,7 +91,24 @@ class PackedMDSWriter(MDSWriter):
             self._reset_cache()
         while self.executor._work_queue.qsize() > 0:
             time.sleep(0.01)
-        super().finish()
+        try:
+            super().finish()
+        except Exception:
+            if self.upload_error is None:
+                raise
+            raise self._upload_failed() from None
+
+    def exception_callback(self, future: Future) -> None:
+        """Remember the first failed upload for :meth:`_upload_failed`, instead of streaming's
+        logging it (a log line that can hold the endpoint URL). Cancelled uploads are not failures."""
+        if future.cancelled() or future.exception() is None:
+            return
+        if self.upload_error is None:
+            self.upload_error = future.exception()
+        self.event.set()
+
+    def _upload_failed(self) -> PrepError:
+        return PrepError(f"uploading a shard failed: {describe(self.upload_error)}", file=self.remote)
 
     def _append(self, samples: list[bytes], cost: int) -> None:
         """Add encoded samples to the current shard, flushing it whenever the next would not fit."""
@@ -101,7 +120,7 @@ class PackedMDSWriter(MDSWriter):
             if room <= 0:
                 if self.event.is_set():  # as write() does: stop if an upload thread failed
                     self.cancel_future_jobs()
-                    raise RuntimeError("uploading a shard failed; see the logged error above")
+                    raise self._upload_failed()
                 self.flush_shard()
                 self._reset_cache()
                 continue
@@ -123,13 +142,18 @@ def write_split(
 
     out is a local directory, or (local directory, remote URL) to upload each shard as it is made.
     """
-    writer = PackedMDSWriter(
-        out=out,
-        columns=mds_columns(samples.shape[1], samples.dtype),
-        compression=compression,
-        hashes=hashes,
-        size_limit=size_limit,
-    )
+    try:
+        writer = PackedMDSWriter(
+            out=out,
+            columns=mds_columns(samples.shape[1], samples.dtype),
+            compression=compression,
+            hashes=hashes,
+            size_limit=size_limit,
+        )
+    except Exception as err:  # a remote's client checks the bucket here; each cloud SDK has its own errors
+        if isinstance(out, str):
+            raise
+        raise PrepError(f"cannot write here: {describe(err)}", file=out[1]) from None
     try:
         writer.write_samples(samples, domain)
     except BaseException:

@@ -1,4 +1,4 @@
-"""Property tests for streaming_prep's pure functions: split, packing, UTF-8 decode policy."""
+"""Property tests for streaming_prep's pure functions: split, packing, decode policy, message safety."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming_prep.errors import PrepError
-from streaming_prep.readers import DecodeStats, decode_utf8
+from streaming_prep.errors import PrepError, redact, safe_line, secret_values
+from streaming_prep.readers import DecodeStats, bom_encoding, decode_text
 from streaming_prep.writer import pack, split_is_val
 
 
@@ -63,18 +63,58 @@ def count_replacements(raw: bytes) -> int:
 @settings(max_examples=300, deadline=None)
 @given(raw=st.binary(max_size=64) | st.text(max_size=20).map(lambda text: text.encode() + b"\xef\xbf\xbd\xff"))
 def test_replace_counts_exactly_the_replaced_sequences(raw: bytes):
+    """Invalid sequences and NUL bytes become U+FFFD, each counted once; a genuine U+FFFD is not counted."""
     stats = DecodeStats()
-    decoded = decode_utf8(raw, "replace", stats, file="f")
-    assert decoded == raw.decode("utf-8", errors="replace")
-    assert stats.replaced_chars == count_replacements(raw)
+    decoded = decode_text(raw, "replace", stats, file="f")
+    assert decoded == raw.decode("utf-8", errors="replace").replace("\0", "\ufffd")
+    assert stats.replaced_chars == count_replacements(raw) + raw.count(0)
+    valid = decoded == raw.decode("utf-8", errors="ignore")
+    assert (decode_text(raw, "skip", stats, file="f") is None) == (not valid)
 
 
 def test_decode_policies_on_one_document():
     raw = b"ok \xc3\x28 and \xef\xbf\xbd"
     stats = DecodeStats()
-    assert decode_utf8(raw, "replace", stats, file="f") == "ok \ufffd( and \ufffd"
+    assert decode_text(raw, "replace", stats, file="f") == "ok \ufffd( and \ufffd"
     assert (stats.replaced_chars, stats.skipped_documents) == (1, 0)
-    assert decode_utf8(raw, "skip", stats, file="f") is None
+    assert decode_text(raw, "skip", stats, file="f") is None
     assert stats.skipped_documents == 1
     with pytest.raises(PrepError, match=r"^f: line 7: invalid UTF-8 at byte 3$"):
-        decode_utf8(raw, "fail", stats, file="f", where="line 7: ")
+        decode_text(raw, "fail", stats, file="f", where="line 7: ")
+    with pytest.raises(PrepError, match=r"^f: NUL character at offset 2 \(binary data, or UTF-16/32 without"):
+        decode_text(b"ok\0", "fail", stats, file="f")
+
+
+@pytest.mark.parametrize("codec", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_byte_order_marks_select_the_codec_and_are_dropped(codec: str):
+    """With a byte-order mark a document decodes exactly (the mark dropped) under every policy."""
+    text = "h\u00e9llo \u6f22\u5b57 \U0001f600"
+    explicit_bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+                    "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}
+    raw = explicit_bom.get(codec, b"") + text.encode(codec)  # the other codecs write their own mark
+    stats = DecodeStats()
+    for policy in ("replace", "skip", "fail"):
+        assert decode_text(raw, policy, stats, file="f", encoding=bom_encoding(raw)) == text
+    assert (stats.replaced_chars, stats.skipped_documents) == (0, 0)
+    assert bom_encoding(text.encode()) == "utf-8"
+
+
+@settings(max_examples=200, deadline=None)
+@given(secret=st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#@:\"'<>"),
+                      min_size=8, max_size=40),
+       before=st.text(max_size=20), after=st.text(max_size=20))
+def test_redact_removes_userinfo_and_environment_secrets(secret: str, before: str, after: str):
+    redacted = redact(f"{before} https://user:{secret}@host.example:9000/bucket {after}")
+    assert f"user:{secret}@" not in redacted and " https://***@host.example:9000/bucket " in redacted
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PIKE_TEST_SECRET_ACCESS_KEY", secret)
+        patch.setenv("PIKE_TEST_ENDPOINT_URL", f"http://{secret[::-1]}:{secret}@127.0.0.1:1")
+        assert {secret, secret[::-1]} <= set(secret_values())
+        line = safe_line(f"{before} {secret} {secret[::-1]}:{secret}@127.0.0.1 {after}")
+    assert secret not in line and secret[::-1] not in line
+    assert line.isprintable()
+
+
+def test_safe_line_escapes_control_characters_and_undecodable_names():
+    assert safe_line("a\nb\tc\x1b\udce9 \u00fc") == "a\\nb\\tc\\x1b\\udce9 \u00fc"
+    assert str(PrepError("bad", domain="d\nx", file="/tmp/a\nb.txt")) == "domain 'd\\nx': /tmp/a\\nb.txt: bad"
