@@ -1,11 +1,11 @@
-"""The mixture data path: one StreamingDataset per domain, batches planned by :class:`MixturePlanner`.
+"""The mixture data path: one StreamingDataset with a Stream per domain, batches planned by :class:`MixturePlanner`.
 
 Layout of the pieces (all in the main process unless stated):
 
-* :class:`MixtureDataset` - map-style dataset over K StreamingDatasets; item ``(domain, index)``
-  reads one packed sequence by random access (in DataLoader workers). It is also the handle the
-  PiKE algorithm and Composer talk to: ``set_weights``, ``state_dict``/``load_state_dict``,
-  ``probe_batch``.
+* :class:`MixtureDataset` - map-style dataset over one StreamingDataset holding one Stream per
+  domain (each with its own local cache directory); item ``(domain, index)`` reads one packed
+  sequence by random access (in DataLoader workers). It is also the handle the PiKE algorithm and
+  Composer talk to: ``set_weights``, ``state_dict``/``load_state_dict``, ``probe_batch``.
 * :class:`MixtureBatchSampler` - asks the planner for global batches, keeps a snapshot of the
   planner before every planned step, and yields this rank's slice.
 * :class:`MixtureDataLoader` - a DataLoader that counts the batches it has handed to the trainer,
@@ -19,17 +19,23 @@ loader is built, so the rule never depends on timing.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import random
 import re
+import tempfile
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from streaming import Stream
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -54,10 +60,12 @@ def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str |
     For a remote manifest every domain is streamed into ``cache_root/<domain>/<split>``.
     """
     data = read_manifest(manifest, cache_root)
-    base = manifest.rsplit('/', 1)[0] if manifest.endswith('.json') else manifest.rstrip('/')
-    remote = '://' in base
-    if remote and cache_root is None:
-        raise ValueError(f'manifest {manifest} is remote: a local cache_root is required')
+    remote = '://' in manifest
+    if remote:
+        base = manifest.rsplit('/', 1)[0] if manifest.endswith('.json') else manifest.rstrip('/')
+    else:  # absolute, so the sources stay valid if the working directory changes
+        base = os.path.abspath(manifest)
+        base = os.path.dirname(base) if manifest.endswith('.json') else base
     sources = []
     for name, info in data['domains'].items():
         if split not in info['splits']:
@@ -71,22 +79,65 @@ def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str |
 
 
 def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any]:
-    """Load a pike-prep manifest from a local path (file or directory) or a remote URL."""
+    """Load a pike-prep manifest from a local path (file or directory) or a remote URL.
+
+    A remote manifest is downloaded on every call (to ``cache_root/manifest.json``), so a dataset
+    rewritten at the remote is never described by a stale local copy.
+    """
     if '://' in manifest:
         from streaming.base.storage.download import CloudDownloader
         url = manifest if manifest.endswith('.json') else f'{manifest.rstrip("/")}/{MANIFEST_NAME}'
         if cache_root is None:
             raise ValueError(f'manifest {manifest} is remote: a local cache_root is required')
-        local = os.path.join(cache_root, MANIFEST_NAME)
         os.makedirs(cache_root, exist_ok=True)
-        CloudDownloader.direct_download(url, local, timeout=60)
-        path = local
+        path = os.path.join(cache_root, MANIFEST_NAME)
+        # streaming's downloaders skip a destination that exists: fetch to a fresh name, then replace.
+        fresh = os.path.join(cache_root, f'.{MANIFEST_NAME}.{uuid.uuid4().hex}')
+        try:
+            CloudDownloader.direct_download(url, fresh, timeout=60)
+            os.replace(fresh, path)
+        finally:
+            if os.path.exists(fresh):
+                os.remove(fresh)
     else:
         path = manifest if manifest.endswith('.json') else os.path.join(manifest, MANIFEST_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f'no pike-prep manifest at {path}')
     with open(path) as f:
         return json.load(f)
+
+
+SETUP_LOCK_NAME = 'composer_pike_streaming_setup.lock'
+SETUP_ATTEMPTS = 5  # StreamingDataset constructions tried when another process takes our shared-memory names
+
+
+@contextlib.contextmanager
+def _streaming_setup_lock(is_local_leader: bool) -> Iterator[None]:
+    """Hold a host-wide lock while streaming sets up its shared memory (local leader only).
+
+    streaming (0.13) registers a dataset under the first free shared-memory name prefix without a
+    lock, and its stale-memory cleanup creates and unlinks names that live datasets use, so two
+    processes building datasets at the same moment fail with FileExistsError / FileNotFoundError
+    on /dev/shm/<prefix>_locals. The lock file lives next to the shared memory (/dev/shm), so it is
+    shared by exactly the processes whose names can collide. Other ranks of the same node attach
+    to what their leader registers and must not wait on the lock (the leader holds it through
+    streaming's barriers).
+    """
+    if not is_local_leader:
+        yield
+        return
+    from filelock import FileLock, Timeout
+    root = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
+    lock = FileLock(os.path.join(root, SETUP_LOCK_NAME), mode=0o666)
+    try:
+        lock.acquire(timeout=60)
+    except Timeout:
+        log.warning('waiting for another process to finish building its datasets (lock %s)', lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @functools.cache
@@ -99,6 +150,17 @@ def _clean_stale_shared_memory_once() -> None:
     """
     from streaming.base.util import clean_stale_shared_memory
     clean_stale_shared_memory()
+
+
+def _check_safe_columns(domain: str, shards: Sequence[Any]) -> None:
+    """Refuse columns whose MDS encoding can run code when read (pickle), naming domain and column."""
+    from streaming.base.format.mds.encodings import is_mds_encoding_safe
+    for shard in shards:
+        for column, encoding in zip(getattr(shard, 'column_names', []), getattr(shard, 'column_encodings', [])):
+            if not is_mds_encoding_safe(encoding):
+                raise ValueError(f"domain '{domain}': column '{column}' has the unsafe MDS encoding '{encoding}' "
+                                 f'(reading it can run arbitrary code); composer-pike reads only safe encodings: '
+                                 f'write the shards without it')
 
 
 def _check_local_split(source: DomainSource) -> dict[str, Any]:
@@ -128,18 +190,100 @@ def verify_local_shards(source: DomainSource, index: dict[str, Any]) -> None:
                     raise ValueError(f"domain '{source.name}': shard {path} does not match its {algo} hash")
 
 
-def _seq_len_of(index: dict[str, Any]) -> int | None:
-    """Sequence length from a fixed-shape ``tokens`` column encoding (``ndarray:uint16:256``)."""
-    for shard in index['shards'][:1]:
-        for name, encoding in zip(shard.get('column_names', []), shard.get('column_encodings', [])):
-            if name == 'tokens':
-                match = re.fullmatch(r'ndarray:\w+:(\d+)', encoding)
-                return int(match.group(1)) if match else None
+def _seq_len_of(shard: Any) -> int | None:
+    """Sequence length from a shard reader's fixed-shape ``tokens`` column (``ndarray:uint16:256``)."""
+    for name, encoding in zip(getattr(shard, 'column_names', []), getattr(shard, 'column_encodings', [])):
+        if name == 'tokens':
+            match = re.fullmatch(r'ndarray:\w+:(\d+)', encoding)
+            return int(match.group(1)) if match else None
     return None
 
 
+def open_streaming_dataset(make_streams: Callable[[], list[Stream]], *, streams: list[Stream] | None = None,
+                           **dataset_kwargs: Any) -> Any:
+    """A StreamingDataset over ``streams`` (else ``make_streams()``), set up so that jobs on one host
+    do not collide in streaming's shared memory (see :func:`_streaming_setup_lock`).
+
+    Stale shared memory of crashed runs is cleaned first, once per process. A FileExistsError means a
+    process outside the lock (not composer-pike) took the same shared-memory name prefix at the same
+    moment, before anything of ours was created: a single process tries again with fresh streams
+    (StreamingDataset writes its settings into the ones it was given). With several ranks the others
+    are already past streaming's barrier, so the error is raised.
+    """
+    from streaming import StreamingDataset
+    from streaming.base.world import World
+
+    world = World.detect()
+    streams = streams if streams is not None else make_streams()
+    attempt = 1
+    while True:
+        try:
+            with _streaming_setup_lock(world.is_local_leader):
+                _clean_stale_shared_memory_once()
+                return StreamingDataset(streams=streams, allow_unsafe_types=False, **dataset_kwargs)
+        except FileExistsError as error:
+            if world.num_ranks > 1 or attempt == SETUP_ATTEMPTS:
+                raise
+            log.warning('streaming shared memory taken by another process (%s); trying again', error)
+            time.sleep(random.uniform(0.05, 0.5))
+            streams = make_streams()
+            attempt += 1
+
+
+class VerifiedStream(Stream):
+    """A Stream whose shard files appear in the local cache only once they pass ``validate_hash``.
+
+    streaming (0.13) downloads a shard file (the raw one, or the compressed one) to its final path
+    and checks its hash after, so a concurrent reader can read a corrupt shard, and a file that
+    failed stays in the cache and fails again on every later attempt, in this run and the next.
+    Here the file the remote holds is downloaded under a temporary name, checked, and only then
+    renamed into place; a download whose bytes do not match (corrupted in transit) is fetched
+    again, up to ``download_retry`` times, before the shard fails.
+    """
+
+    def prepare_shard(self, shard: Any) -> int:
+        """Ensure ``shard`` is local; returns the change in cache usage, bytes."""
+        delta = 0
+        if self.remote is not None and self.validate_hash:
+            for raw_info, zip_info in shard.file_pairs:
+                remote_info = zip_info or raw_info  # the file the remote holds
+                final = os.path.join(self.local, self.split, remote_info.basename)
+                if not os.path.isfile(os.path.join(self.local, self.split, raw_info.basename)) \
+                        and not os.path.isfile(final):
+                    self._download_verified(remote_info, final)
+                    delta += remote_info.bytes
+        return delta + super().prepare_shard(shard)
+
+    def _download_verified(self, info: Any, final: str) -> None:
+        from streaming.base.hashing import get_hash
+        algorithm = self.validate_hash
+        if algorithm not in info.hashes:
+            raise ValueError(f'{info.basename} records no {algorithm} hash (it has {sorted(info.hashes)})')
+        attempts = max(1, self.download_retry)
+        url = os.path.join(self.remote, self.split, info.basename)
+        for attempt in range(1, attempts + 1):
+            # A file left by a killed process under this name is checked like a fresh download.
+            unverified = self._download_file(info.basename, f'{info.basename}.unverified')
+            with open(unverified, 'rb') as f:
+                matches = get_hash(algorithm, f.read()) == info.hashes[algorithm]
+            if matches:
+                os.replace(unverified, final)
+                return
+            os.remove(unverified)
+            log.warning('%s does not match its %s hash (download %d of %d)', url, algorithm, attempt, attempts)
+        raise ValueError(f'{url} does not match its {algorithm} hash ({attempts} downloads)')
+
+
+SHARD_FAILED = 4  # our shard state beyond streaming's INVALID/REMOTE/PREPARING/LOCAL (0-3): never read it
+
+
 class MixtureDataset(Dataset):
-    """K domain StreamingDatasets read by ``(domain, index)``, steered through a :class:`MixturePlanner`.
+    """K domains read by ``(domain, index)``, steered through a :class:`MixturePlanner`.
+
+    All domains live in ONE StreamingDataset, one Stream per domain (each with its own local cache
+    directory): streaming keeps file descriptors for every dataset's shared memory, so one dataset
+    per domain needs O(K^2) descriptors; one dataset needs a fixed number. Sample ``index`` of
+    domain ``k`` is the dataset's sample ``sample_offset_per_stream[k] + index``.
 
     Args:
         sources: one :class:`DomainSource` per domain, in mixing order.
@@ -158,60 +302,105 @@ class MixtureDataset(Dataset):
         download_timeout: float = 60,
         verify_local: bool = True,
     ) -> None:
-        from streaming import StreamingDataset
+        from streaming.base.world import World
 
         names = [s.name for s in sources]
+        if not names:
+            raise ValueError('a mixture needs at least one domain')
         if len(set(names)) != len(names):
             raise ValueError(f'domain names must be unique, got {names}')
-        _clean_stale_shared_memory_once()
+        by_local: dict[str, list[str]] = {}
+        for source in sources:
+            by_local.setdefault(os.path.abspath(source.local), []).append(source.name)
+        for local, sharing in by_local.items():
+            if len(sharing) > 1:
+                raise ValueError(f'domains {sharing} share the local directory {local}: give each its own')
         self.sources = list(sources)
-        self.domains = []
-        seq_lens = {}
-        for source in self.sources:
+
+        def make_streams() -> list[Stream]:
+            return [VerifiedStream(remote=s.remote, local=s.local, validate_hash=validate_hash,
+                                   download_retry=download_retry, download_timeout=download_timeout)
+                    for s in self.sources]
+
+        world = World.detect()
+        # The streams that fetch the indexes also serve the dataset: each keeps its object-store client.
+        streams = make_streams()
+        for source, stream in zip(self.sources, streams):
             if source.remote is None:
                 index = _check_local_split(source)
                 if verify_local:
                     verify_local_shards(source, index)
-                seq_lens[source.name] = _seq_len_of(index)
-            dataset = StreamingDataset(
-                remote=source.remote,
-                local=source.local,
-                shuffle=False,
-                validate_hash=validate_hash,
-                download_retry=download_retry,
-                download_timeout=download_timeout,
-                allow_unsafe_types=False,
-            )
-            self.domains.append(dataset)
-            if source.remote is not None:
-                with open(os.path.join(source.local, 'index.json')) as f:
-                    seq_lens[source.name] = _seq_len_of(json.load(f))
-        for name, dataset in zip(names, self.domains):
-            if seq_lens[name] is None:
-                seq_lens[name] = len(self._tokens(dataset, 0, name))
+            try:  # reads (for a remote: fetches) the index only, so that its failures name the domain
+                shards = stream.get_shards(world, allow_unsafe_types=True)  # nothing is decoded here
+            except Exception as error:
+                raise RuntimeError(f"domain '{source.name}': cannot read the MDS index of "
+                                   f'{source.remote or source.local}: {error}') from error
+            _check_safe_columns(source.name, shards)
+            if sum(shard.samples for shard in shards) == 0:
+                raise ValueError(f"domain '{source.name}' has no samples")
+        self.streaming = open_streaming_dataset(make_streams, streams=streams, shuffle=False)
+        self.domain_names = names
+        self.domain_sizes = self.streaming.samples_per_stream.astype(np.int64)
+        self._sample_offsets = self.streaming.sample_offset_per_stream.tolist()
+        self._sizes = self.domain_sizes.tolist()
+        self._failures: dict[int, str] = {}  # shard id -> why it failed, in this process
+        seq_lens = {}
+        for k, (name, first_shard) in enumerate(zip(names, self.streaming.shard_offset_per_stream)):
+            seq_lens[name] = _seq_len_of(self.streaming.shards[first_shard]) or len(self[(k, 0)][2])
         if len(set(seq_lens.values())) > 1:
             raise ValueError(f'domains have different seq_len: {seq_lens}')
         self.seq_len = next(iter(seq_lens.values()))
-        self.domain_names = names
-        self.domain_sizes = np.array([d.num_samples for d in self.domains], dtype=np.int64)
-        for name, size in zip(names, self.domain_sizes):
-            if size == 0:
-                raise ValueError(f"domain '{name}' has no samples")
         self.sampler: MixtureBatchSampler | None = None  # set by build_mixture_dataloader
 
-    @staticmethod
-    def _tokens(dataset: Any, index: int, name: str) -> np.ndarray:
-        sample = dataset[int(index)]
-        if 'tokens' not in sample:
-            raise KeyError(f"domain '{name}': samples have no 'tokens' column (columns: {sorted(sample)})")
-        return sample['tokens']
+    @property
+    def shard_sizes(self) -> list[np.ndarray]:
+        """Samples per shard, per domain."""
+        ds = self.streaming
+        return [ds.samples_per_shard[a:a + n] for a, n in zip(ds.shard_offset_per_stream, ds.shards_per_stream)]
 
     def __len__(self) -> int:
         return int(self.domain_sizes.sum())
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[int, int, np.ndarray]:
         domain, index = item
-        return domain, index, self._tokens(self.domains[domain], index, self.domain_names[domain])
+        if not 0 <= index < self._sizes[domain]:
+            raise IndexError(f"domain '{self.domain_names[domain]}' has {self._sizes[domain]} samples, "
+                             f'got index {index}')
+        sample_id = self._sample_offsets[domain] + int(index)
+        try:
+            sample = self.streaming.get_item(sample_id)
+        except Exception as error:
+            raise self.shard_failure(self.streaming.spanner[sample_id][0], error) from error
+        if 'tokens' not in sample:
+            raise KeyError(f"domain '{self.domain_names[domain]}': samples have no 'tokens' column "
+                           f'(columns: {sorted(sample)})')
+        return domain, index, sample['tokens']
+
+    def shard_failure(self, shard_id: int, error: BaseException) -> RuntimeError:
+        """The error for a shard that could not be made local, naming domain, shard and source.
+
+        Marks the shard failed in streaming's shared state, so that readers in every process that
+        wait for it stop waiting and fail too instead of hanging, and none of them reads it.
+        """
+        ds = self.streaming
+        domain = int(ds.stream_per_shard[shard_id])
+        already = ds._shard_states[shard_id] == SHARD_FAILED
+        if already and shard_id in self._failures:
+            return RuntimeError(self._failures[shard_id])
+        source = self.sources[domain]
+        raw_info, zip_info = ds.shards[shard_id].file_pairs[0]
+        cause = 'it failed to download or verify earlier in this run' if already else str(error)
+        message = (f"domain '{source.name}': shard {(zip_info or raw_info).basename} of "
+                   f'{source.remote or source.local} cannot be read: {cause}')
+        self._failures.setdefault(shard_id, message)
+        from filelock import FileLock
+        from streaming.base.dataset import _ShardState
+        if not hasattr(ds, '_cache_filelock'):  # streaming creates it lazily, as here
+            ds._cache_filelock = FileLock(ds._cache_filelock_path)
+        with ds._cache_filelock:
+            if ds._shard_states[shard_id] == _ShardState.PREPARING:  # left so by the failed download
+                ds._shard_states[shard_id] = SHARD_FAILED
+        return RuntimeError(message)
 
     # ---- the control surface -----------------------------------------------------------------
 
@@ -223,7 +412,7 @@ class MixtureDataset(Dataset):
 
     @property
     def num_domains(self) -> int:
-        return len(self.domains)
+        return len(self.domain_names)
 
     @property
     def delay(self) -> int:
@@ -307,18 +496,22 @@ class ShardPrefetcher:
     """Downloads the shards each remote domain will read in the next ``horizon`` steps, in threads.
 
     Only domains whose read position has moved past what was already requested do any work, so the
-    per-step cost is one vectorized comparison over K.
+    per-step cost is one vectorized comparison over K. A shard that fails to download or verify is
+    marked failed (see :meth:`MixtureDataset.shard_failure`) and its error kept in ``failure``,
+    which the sampler raises before planning the next batch.
     """
 
     def __init__(self, dataset: MixtureDataset, horizon_steps: int, threads: int = 4) -> None:
         self.dataset = dataset
         self.horizon_steps = horizon_steps
         self.remote = np.array([s.remote is not None for s in dataset.sources])
-        self.requested: list[set[int]] = [set() for _ in dataset.domains]
-        self.requested_until = np.zeros(len(dataset.domains), dtype=np.int64)  # samples, all passes
+        self.requested: set[int] = set()  # dataset shard ids
+        self.requested_until = np.zeros(dataset.num_domains, dtype=np.int64)  # samples, all passes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix='pike-prefetch') \
             if self.remote.any() else None
-        self.offsets = [d.sample_offset_per_shard for d in dataset.domains]
+        self.sample_offsets = dataset.streaming.sample_offset_per_stream
+        self.shard_starts = dataset.streaming.sample_offset_per_shard  # first dataset sample id of every shard
+        self.failure: RuntimeError | None = None
 
     def after_plan(self, planner: MixturePlanner, counts: np.ndarray) -> None:
         if self.pool is None:
@@ -327,28 +520,23 @@ class ShardPrefetcher:
         ahead = position + counts * self.horizon_steps
         stale = np.flatnonzero(self.remote & (ahead > self.requested_until))
         for k in stale:
-            ids = planner.upcoming_samples(k, int(counts[k]) * self.horizon_steps + 1)
-            shards = np.unique(np.searchsorted(self.offsets[k], ids, side='right') - 1)
-            for shard in shards.tolist():
-                if shard not in self.requested[k]:
-                    self.requested[k].add(shard)
-                    self.pool.submit(self._prepare, k, shard)
+            ids = self.sample_offsets[k] + planner.upcoming_samples(k, int(counts[k]) * self.horizon_steps + 1)
+            for shard in np.unique(np.searchsorted(self.shard_starts, ids, side='right') - 1).tolist():
+                if shard not in self.requested:
+                    self.requested.add(shard)
+                    self.pool.submit(self._prepare, shard)
             self.requested_until[k] = ahead[k]
 
-    def _prepare(self, domain: int, shard: int) -> None:
-        """Start downloading ``shard``; never wait on a download someone else is doing.
-
-        On failure the shard goes back to the 'remote' state, so the worker that reads it downloads
-        it again and raises, instead of waiting forever on a shard left 'preparing'.
-        """
-        dataset = self.dataset.domains[domain]
+    def _prepare(self, shard: int) -> None:
+        """Start downloading ``shard``; never wait on a download someone else is doing."""
         try:
-            dataset.prepare_shard(shard, blocking=False)
+            self.dataset.streaming.prepare_shard(shard, blocking=False)
         except Exception as error:
-            from streaming.base.dataset import _ShardState
-            with dataset._cache_filelock:
-                dataset._shard_states[shard] = _ShardState.REMOTE
-            log.warning("prefetch of domain '%s' shard %d failed: %s", self.dataset.domain_names[domain], shard, error)
+            failure = self.dataset.shard_failure(shard, error)
+            log.error('prefetch failed: %s', failure)
+            if self.failure is None:
+                self.failure = failure
+                self.pool.shutdown(wait=False, cancel_futures=True)  # the sampler ends the run now
 
 
 class MixtureBatchSampler(DistributedSampler):
@@ -382,6 +570,8 @@ class MixtureBatchSampler(DistributedSampler):
         self._rewind()
         epoch_end = (self.consumed // self.steps_per_epoch + 1) * self.steps_per_epoch
         while self.planner.step < epoch_end:
+            if self.prefetcher is not None and self.prefetcher.failure is not None:
+                raise self.prefetcher.failure
             self._snapshots[self.planner.step] = self.planner.state_dict(include_schedule=False)
             batch = self.planner.plan_next()
             if batch is None:
@@ -489,7 +679,7 @@ def build_mixture_dataloader(
         batching=batching,
         on_exhausted=on_exhausted,
         seed=seed,
-        shard_sizes=[d.samples_per_shard for d in dataset.domains],
+        shard_sizes=dataset.shard_sizes,
         shuffle=shuffle,
         shuffle_block_shards=shuffle_block_shards,
     )

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from composer_pike.data import DomainSource, MixtureDataset, build_mixture_dataloader, sources_from_manifest
+from composer_pike.data import (DomainSource, MixtureDataset, build_mixture_dataloader, read_manifest,
+                                sources_from_manifest)
 from composer_pike.planner import MixturePlanner
 from mds_helpers import sample_tokens, write_domain, write_domains
 
@@ -58,8 +59,8 @@ def mixture(data_dirs) -> MixtureDataset:
     """One MixtureDataset over the test domains, given a fresh loader (planner, sampler) by each test.
 
     Datasets are shared because streaming (0.13) leaks file descriptors on every StreamingDataset
-    construction, in proportion to the shared-memory prefixes alive on the host (see
-    test_a_mixture_of_many_domains_fits_in_a_default_file_descriptor_limit).
+    construction (each MixtureDataset builds one), in proportion to the shared-memory prefixes
+    alive on the host.
     """
     return open_mixture(data_dirs)
 
@@ -418,28 +419,106 @@ def test_duplicate_domain_names_are_refused(data_dirs):
         MixtureDataset([DomainSource('web', data_dirs[0]), DomainSource('web', data_dirs[1])])
 
 
+def test_domains_sharing_a_local_directory_are_refused(data_dirs):
+    with pytest.raises(ValueError, match=r"\['web', 'wiki'\] share the local directory"):
+        MixtureDataset([DomainSource('web', data_dirs[0]), DomainSource('books', data_dirs[1]),
+                        DomainSource('wiki', data_dirs[0] + '/')])
+
+
+def test_an_empty_domain_is_named(data_dirs, tmp_path):
+    empty = write_domain(str(tmp_path / 'empty'), 1, 0, seq_len=SEQ_LEN)
+    with pytest.raises(ValueError, match="domain 'void' has no samples"):
+        MixtureDataset([DomainSource('web', data_dirs[0]), DomainSource('void', empty)])
+
+
 FD_SCRIPT = r"""
-import os, resource, sys
+import os, resource, shutil, sys
 sys.path.insert(0, sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # a common default
-from mds_helpers import write_domains
+from mds_helpers import sample_tokens, write_domain
 from composer_pike.data import DomainSource, MixtureDataset
-dirs = write_domains(sys.argv[2], [12] * int(sys.argv[3]))
+template = write_domain(os.path.join(sys.argv[2], 'template'), 0, 12)
+dirs = [shutil.copytree(template, os.path.join(sys.argv[2], f'd{k}')) for k in range(int(sys.argv[3]))]
 dataset = MixtureDataset([DomainSource(f'd{k}', d) for k, d in enumerate(dirs)])
+assert all((dataset[(k, 11)][2] == sample_tokens(0, 11, 16)).all() for k in range(len(dirs)))
 print('domains', dataset.num_domains, 'open fds', len(os.listdir('/proc/self/fd')))
 """
 
 
-@pytest.mark.xfail(strict=True, reason='known bug (open): each StreamingDataset keeps ~12 fds per earlier one; many domains exceed ulimit -n 1024')
 def test_a_mixture_of_many_domains_fits_in_a_default_file_descriptor_limit(tmp_path):
-    """24 small domains under RLIMIT_NOFILE=1024, in a fresh process (private /dev/shm where possible)."""
+    """2 and 64 small domains under RLIMIT_NOFILE=1024, each in a fresh process (private /dev/shm where
+    possible): the open file descriptors do not grow with the number of domains."""
+    fds = {}
+    for k in (2, 64):
+        (tmp_path / f'tmp{k}').mkdir()
+        command = [sys.executable, '-c', FD_SCRIPT, str(Path(__file__).parent), str(tmp_path / f'data{k}'), str(k)]
+        result = subprocess.run(with_private_shm(command), cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=LAUNCH_TIMEOUT, env=dict(os.environ, TMPDIR=str(tmp_path / f'tmp{k}')))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        words = result.stdout.split()
+        assert words[:2] == ['domains', str(k)], result.stdout
+        fds[k] = int(words[-1])
+    assert fds[64] <= fds[2] + 2, fds
+
+
+CONCURRENT_SCRIPT = r"""
+import os, sys, traceback
+sys.path.insert(0, sys.argv[1])
+from mds_helpers import sample_tokens
+from composer_pike.data import DomainSource, MixtureDataset
+builds, dirs = int(sys.argv[2]), sys.argv[3:]
+child = os.fork()  # two processes from here on, both before their first dataset
+mine = dirs[:len(dirs) // 2] if child else dirs[len(dirs) // 2:]
+try:
+    for _ in range(builds):
+        dataset = MixtureDataset([DomainSource(f'd{k}', d) for k, d in enumerate(mine)])
+        assert (dataset[(1, 3)][2] == sample_tokens(1, 3, dataset.seq_len)).all()
+    code = 0
+except BaseException:
+    traceback.print_exc()
+    code = 1
+if not child:
+    sys.exit(code)
+child_code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+print('exit codes', code, child_code)
+sys.exit(code or child_code)
+"""
+
+
+def test_two_processes_building_mixtures_at_the_same_time_do_not_collide(tmp_path):
+    """Streaming registers shared memory under the first free name prefix without a lock, and its
+    stale-memory cleanup creates and unlinks names of live datasets: two processes starting together
+    failed with FileExistsError / FileNotFoundError on /dev/shm/<prefix>_locals. Both processes
+    share one /dev/shm (private to this test where possible) and one TMPDIR, each with its own data."""
+    dirs = [*write_domains(str(tmp_path / 'a'), [20, 10], seq_len=SEQ_LEN),
+            *write_domains(str(tmp_path / 'b'), [20, 10], seq_len=SEQ_LEN)]
     (tmp_path / 'tmp').mkdir()
-    command = [sys.executable, '-c', FD_SCRIPT, str(Path(__file__).parent), str(tmp_path / 'data'), '24']
+    command = [sys.executable, '-c', CONCURRENT_SCRIPT, str(Path(__file__).parent), '8', *dirs]
     result = subprocess.run(with_private_shm(command), cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=LAUNCH_TIMEOUT, env=dict(os.environ, TMPDIR=str(tmp_path / 'tmp')))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert 'domains 24' in result.stdout
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    assert 'exit codes 0 0' in result.stdout
+
+
+def test_shared_memory_names_taken_by_another_process_are_retried(data_dirs, monkeypatch):
+    """FileExistsError on streaming's prefix registration (a process outside composer-pike's lock took
+    the same name at the same moment) is retried by a single process."""
+    import streaming.base.dataset
+    register = streaming.base.dataset.get_shm_prefix
+    calls = []
+
+    def taken_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise FileExistsError(17, 'File exists', '/000000_locals')
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(streaming.base.dataset, 'get_shm_prefix', taken_twice)
+    dataset = open_mixture(data_dirs)
+    assert len(calls) == 3
+    assert dataset.domain_sizes.tolist() == SIZES
+    assert np.array_equal(dataset[(2, 5)][2], sample_tokens(2, 5, SEQ_LEN))
 
 
 # ---- pike-prep manifests -----------------------------------------------------------------------
@@ -482,13 +561,14 @@ def test_sources_from_a_local_manifest(tmp_path):
     assert len(steps) == 3 and all(counts_of(items)[:2] == [4, 4] for items in steps)
 
 
-@pytest.mark.xfail(strict=True, reason='known bug (open): sources_from_manifest mishandles a manifest path relative to the cwd')
 def test_sources_from_a_manifest_named_relative_to_the_working_directory(tmp_path, monkeypatch):
     root = tmp_path / 'prep'
     write_prep_tree(root)
-    monkeypatch.chdir(root)
-    sources = sources_from_manifest('manifest.json')
-    assert [Path(s.local).resolve() for s in sources] == [root / 'd0' / 'train', root / 'd1' / 'train']
+    for cwd, where in ((root, 'manifest.json'), (root, '.'), (tmp_path, 'prep'), (tmp_path, 'prep/manifest.json')):
+        monkeypatch.chdir(cwd)
+        sources = sources_from_manifest(where)
+        assert all(Path(s.local).is_absolute() for s in sources), (cwd, where)
+        assert [Path(s.local).resolve() for s in sources] == [root.resolve() / d / 'train' for d in ('d0', 'd1')]
 
 
 # ---- probe batches -----------------------------------------------------------------------------
@@ -623,21 +703,31 @@ def test_s3_manifest_streams_every_domain_into_the_cache_root(s3_server, tmp_pat
     assert len(take(loader, dataset, 2)) == 2
 
 
-@pytest.mark.xfail(strict=False, reason='known bug (open, racy): a remote shard failing its hash is swallowed by the prefetcher; readers sometimes hang or read it')
-def test_s3_a_corrupted_shard_fails_loudly_with_the_domain_named(s3_server, tmp_path):
-    """A remote shard that fails xxh64 validation must raise (naming the domain), not hang or be read."""
-    dirs = write_domains(str(tmp_path / 'data'), [30, 20], seq_len=SEQ_LEN)
-    shard = Path(dirs[1]) / shard_files(dirs[1])[0]
+def corrupted_remote(s3_server, root: Path, bucket: str) -> tuple[list[DomainSource], str]:
+    """Domains 'books' (30 samples) and 'forums' (20) on S3; forums' first shard fails its xxh64 check.
+
+    Returns the sources (cached under root/cache) and the corrupted shard's basename.
+    """
+    dirs = write_domains(str(root / 'data'), [30, 20], seq_len=SEQ_LEN)
+    name = shard_files(dirs[1])[0]
+    shard = Path(dirs[1]) / name
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a token of a sample in the middle of the first shard
     shard.write_bytes(bytes(data))
-    bucket = 'pike-corrupt-tests'
     s3_server.create_bucket(bucket)
     for k, directory in enumerate(dirs):
         upload_tree(s3_server.client(), directory, bucket, f'mix/d{k}')
-    dataset = MixtureDataset([DomainSource(name, str(tmp_path / 'cache' / name), remote=f's3://{bucket}/mix/d{k}')
-                              for k, name in enumerate(['books', 'forums'])], validate_hash='xxh64')
-    loader = build_mixture_dataloader(dataset, BATCH, weights=[0.5, 0.5], shuffle=False, num_workers=0,
+    return [DomainSource(name, str(root / 'cache' / name), remote=f's3://{bucket}/mix/d{k}')
+            for k, name in enumerate(['books', 'forums'])], name
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_s3_a_corrupted_shard_fails_loudly_with_the_domain_named(s3_server, tmp_path, num_workers):
+    """A remote shard that fails xxh64 validation must raise (naming domain, shard and remote), never
+    hang and never be read, whichever of the prefetcher and the readers downloads it first."""
+    sources, corrupted = corrupted_remote(s3_server, tmp_path, f'pike-corrupt-{num_workers}')
+    dataset = MixtureDataset(sources, validate_hash='xxh64')
+    loader = build_mixture_dataloader(dataset, BATCH, weights=[0.5, 0.5], shuffle=False, num_workers=num_workers,
                                       rank=0, world_size=1)
     # Four steps read forums samples 0..15, the corrupted one among them. A daemon thread reads, so
     # that a hang fails this test instead of stalling the suite.
@@ -651,7 +741,7 @@ def test_s3_a_corrupted_shard_fails_loudly_with_the_domain_named(s3_server, tmp_
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    reader.join(timeout=45)  # reading 4 small batches takes about a second; this only detects a hang
+    reader.join(timeout=90)  # reading 4 small batches takes seconds; this only detects a hang
     if reader.is_alive():
         pytest.fail('the loader hung on a shard that failed its hash check')
     error = outcome.get('error')
@@ -659,15 +749,55 @@ def test_s3_a_corrupted_shard_fails_loudly_with_the_domain_named(s3_server, tmp_
         pytest.fail('a shard that fails its xxh64 check was read without an error')
     if isinstance(error, AssertionError):
         pytest.fail(f'corrupted samples were yielded: {error}')
-    assert 'forums' in str(error), f'the error does not name the domain: {error!r}'
+    for part in ("domain 'forums'", corrupted, sources[1].remote):
+        assert part in str(error), f'the error does not name {part}: {error!r}'
+    assert not (tmp_path / 'cache' / 'forums' / corrupted).exists()  # never placed where readers look
 
 
-@pytest.mark.xfail(strict=True, reason='known bug (open): a missing remote domain is not named in the error')
+def test_s3_a_shard_failing_in_the_prefetcher_is_raised_by_the_sampler(s3_server, tmp_path):
+    """Planning alone (no sample is read) prefetches the corrupted shard; the sampler raises its error."""
+    sources, corrupted = corrupted_remote(s3_server, tmp_path, 'pike-corrupt-prefetch')
+    dataset = MixtureDataset(sources, validate_hash='xxh64')
+    build_mixture_dataloader(dataset, BATCH, weights=[0.5, 0.5], shuffle=False, num_workers=0, rank=0, world_size=1)
+    plans = iter(dataset.sampler)
+    assert [d for d, _ in next(plans)] == [0] * 4 + [1] * 4
+    prefetcher = dataset.sampler.prefetcher
+    deadline = time.monotonic() + 60  # a wait for the background download, not a timing assertion
+    while prefetcher.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prefetcher.failure is not None, 'the prefetcher recorded no failure'
+    with pytest.raises(RuntimeError, match="domain 'forums'") as error:
+        next(plans)
+    assert corrupted in str(error.value) and 'xxh64' in str(error.value)
+    with pytest.raises(RuntimeError, match="domain 'forums'"):  # a reader of that shard fails as well
+        dataset[(1, 0)]
+
+
 def test_s3_missing_domain_is_named(s3_remotes, tmp_path):
+    missing = s3_remotes[0].rsplit('/', 1)[0] + '/nope'
     sources = [DomainSource('web', str(tmp_path / 'web'), remote=s3_remotes[0]),
-               DomainSource('books', str(tmp_path / 'books'), remote=s3_remotes[0].rsplit('/', 1)[0] + '/nope')]
-    with pytest.raises(Exception, match='books'):
+               DomainSource('books', str(tmp_path / 'books'), remote=missing)]
+    with pytest.raises(Exception, match="domain 'books'") as error:
         MixtureDataset(sources, download_retry=1, download_timeout=10)
+    assert missing in str(error.value)
+
+
+def test_s3_manifest_is_downloaded_again_when_read_again(s3_server, tmp_path):
+    """A remote manifest rewritten at the remote (a re-run of pike-prep) is not served from the cache."""
+    root = tmp_path / 'prep'
+    first = write_prep_tree(root)
+    bucket = 'pike-manifest-refresh'
+    s3_server.create_bucket(bucket)
+    upload_tree(s3_server.client(), root, bucket, 'run')
+    manifest, cache = f's3://{bucket}/run/manifest.json', tmp_path / 'cache'
+    assert read_manifest(manifest, str(cache)) == first
+    assert [s.name for s in sources_from_manifest(manifest, cache_root=str(cache))] == ['d0', 'd1']
+    second = dict(first, domains={'d1': first['domains']['d1']})
+    s3_server.client().put_object(Bucket=bucket, Key='run/manifest.json', Body=json.dumps(second).encode())
+    assert read_manifest(manifest, str(cache)) == second
+    assert [s.name for s in sources_from_manifest(manifest, cache_root=str(cache))] == ['d1']
+    assert json.loads((cache / 'manifest.json').read_text()) == second
+    assert sorted(p.name for p in cache.iterdir()) == ['manifest.json']  # no temporary files left
 
 
 # ---- multi-process: Composer's launcher, gloo ----------------------------------------------------

@@ -334,7 +334,6 @@ def test_mixture_dataset_refuses_pickle_columns(tmp_path: Path, pickled_column: 
     assert not tripwire.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="composer_pike/data.py does not name the domain yet (see the lead's report)")
 def test_pickle_column_error_names_the_domain(tmp_path: Path):
     from composer_pike.data import DomainSource, MixtureDataset
 
