@@ -36,7 +36,9 @@ class DataConfig:
     steps_per_epoch: Optional[int] = None
     eval_batch_size: int = 32            # per rank
     eval_max_batches: Optional[int] = None
-    validate_hash: Optional[str] = 'xxh64'
+    validate_hash: Optional[str] = 'xxh64'  # shards are checked before they are read; null: not at all
+    download_retry: int = 3              # attempts per remote file (each also retried by the S3 client)
+    download_timeout: float = 60         # seconds per remote file download
 
 
 @dataclass
@@ -194,6 +196,11 @@ def validate(config: DictConfig) -> None:
     except ValueError as error:
         raise ConfigError(f"config key 'mixing.policy': {error}") from None
     _choice('data.on_exhausted', config.data.on_exhausted, ('repeat', 'drop', 'stop'))
+    if config.data.download_retry < 1:
+        raise ConfigError(f"config key 'data.download_retry': must be at least 1, got {config.data.download_retry}")
+    if not config.data.download_timeout > 0:
+        raise ConfigError(f"config key 'data.download_timeout': must be positive seconds, "
+                          f"got {config.data.download_timeout}")
     _choice('model.family', config.model.family, ('gpt2', 'llama'))
     _choice('trainer.precision', config.trainer.precision, [p.value for p in Precision])
     _choice('trainer.device', config.trainer.device, (None, 'cpu', 'gpu'))
@@ -348,20 +355,22 @@ def build_model(config: DictConfig, vocab_size: int, seq_len: int, eos_token_id:
 def build_evaluators(config: DictConfig, cache_root: str) -> list:
     """One Evaluator per domain over its val split, labelled ``val_<domain>``: held-out loss per domain."""
     from composer.core import Evaluator
-    from streaming import StreamingDataset
     from torch.utils.data import DataLoader
 
-    from composer_pike.data import collate_samples, sources_from_manifest
+    from composer_pike.data import VerifiedStream, collate_samples, open_streaming_dataset, sources_from_manifest
 
+    data = config.data
     evaluators = []
-    for index, source in enumerate(sources_from_manifest(config.data.manifest, 'val', cache_root)):
-        dataset = StreamingDataset(remote=source.remote, local=source.local, shuffle=False,
-                                   batch_size=config.data.eval_batch_size, validate_hash=config.data.validate_hash)
-        loader = DataLoader(ValSplit(dataset, index), batch_size=config.data.eval_batch_size,
+    for index, source in enumerate(sources_from_manifest(data.manifest, 'val', cache_root)):
+        def make_streams(source=source) -> list[VerifiedStream]:
+            return [VerifiedStream(remote=source.remote, local=source.local, validate_hash=data.validate_hash,
+                                   download_retry=data.download_retry, download_timeout=data.download_timeout)]
+        dataset = open_streaming_dataset(make_streams, shuffle=False, batch_size=data.eval_batch_size)
+        loader = DataLoader(ValSplit(dataset, index), batch_size=data.eval_batch_size,
                             collate_fn=collate_samples, num_workers=0)
         evaluators.append(Evaluator(label=f'val_{source.name}', dataloader=loader,
                                     metric_names=['LanguageCrossEntropy'],
-                                    subset_num_batches=config.data.eval_max_batches or -1))
+                                    subset_num_batches=data.eval_max_batches or -1))
     return evaluators
 
 
@@ -437,7 +446,8 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
         except ValueError as error:
             raise ConfigError(f"config key 'mixing.weights': {error}") from None
     dataset = MixtureDataset(sources_from_manifest(config.data.manifest, 'train', cache_root),
-                             validate_hash=config.data.validate_hash)
+                             validate_hash=config.data.validate_hash, download_retry=config.data.download_retry,
+                             download_timeout=config.data.download_timeout)
     plan = plan_policy(mixing.policy, dataset.domain_names, dataset.domain_sizes, weights=weights,
                        temperature=mixing.temperature, tau=mixing.tau)
     loader = build_mixture_dataloader(dataset, config.data.global_batch_size, weights=plan.weights,

@@ -77,6 +77,8 @@ def test_demo_yaml_validates():
     ('mixing.weights={d0: -1}', 'mixing.weights', 'non-negative'),
     ('mixing.policy=fixed', 'mixing.weights', 'needs mixing.weights'),
     ('trainer.autoresume=true', 'trainer.autoresume', 'save_folder'),
+    ('data.download_retry=0', 'data.download_retry', 'at least 1'),
+    ('data.download_timeout=0', 'data.download_timeout', 'positive'),
 ])
 def test_bad_keys_and_values_name_the_key(override, key, hint):
     with pytest.raises(ConfigError, match=key) as error:
@@ -155,11 +157,11 @@ def test_policies_resolve_to_loader_settings():
 # ------------------------------------------------------------------------------------- runs
 
 
-def manifest_json(seq_len: int) -> dict:
+def manifest_json(seq_len: int, names=DOMAINS) -> dict:
     return {'format': 'composer-pike-manifest/1', 'seq_len': seq_len, 'seed': 0,
             'tokenizer': {'name': 'test', 'vocab_size': 4200, 'eos_token_id': 1, 'pad_token_id': 0},
             'domains': {name: {'splits': {split: {'path': f'{name}/{split}'} for split in ('train', 'val')}}
-                        for name in DOMAINS}}
+                        for name in names}}
 
 
 def write_manifest(root, sizes=(80, 60, 40), seq_len=16):
@@ -169,7 +171,7 @@ def write_manifest(root, sizes=(80, 60, 40), seq_len=16):
         for split, count in (('train', size), ('val', 12)):
             write_domain(os.path.join(root, f'd{k}', split), k, count, seq_len=seq_len)
     with open(os.path.join(root, 'manifest.json'), 'w') as f:
-        json.dump(manifest_json(seq_len), f)
+        json.dump(manifest_json(seq_len, [f'd{k}' for k in range(len(sizes))]), f)
     return str(root)
 
 
@@ -329,19 +331,29 @@ def test_autoresume_from_s3(uninterrupted, s3_server, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- two processes
 
 
+CPU_FSDP2 = ['trainer.device=cpu', 'trainer.precision=fp32', 'trainer.fsdp.fsdp_version=2',
+             'trainer.device_train_microbatch_size=null']  # a GPU yaml moved to CPU with FSDP2
+
+
+def launcher_env(tmp_dir, *paths: str) -> dict[str, str]:
+    """Environment for `composer -n N` on CPU: no inherited rank variables, one thread per rank, its own
+    TMPDIR (created here), the repository and ``paths`` importable."""
+    os.makedirs(tmp_dir, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR',
+                        'MASTER_PORT', 'FSDP_VERSION')}
+    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', TOKENIZERS_PARALLELISM='false', TMPDIR=str(tmp_dir),
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, *paths, env.get('PYTHONPATH')])))
+    return env
+
+
 def test_two_fsdp2_processes_through_the_composer_launcher(tmp_path):
     """The paper-like GPU yaml, shrunk and moved to CPU by overrides, under `composer -n 2 -m composer_pike.train`."""
     data = write_manifest(tmp_path / 'data')
     out = tmp_path / 'out'
-    (tmp_path / 'tmp').mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR',
-                        'MASTER_PORT', 'FSDP_VERSION')}
-    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', TOKENIZERS_PARALLELISM='false',
-               TMPDIR=str(tmp_path / 'tmp'), PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get('PYTHONPATH')])))
+    env = launcher_env(tmp_path / 'tmp')
     overrides = [*TINY, 'data.num_workers=0', f'data.manifest={data}', f'run_dir={out}', 'model.n_layers=2',
-                 'trainer.device=cpu', 'trainer.precision=fp32', 'trainer.fsdp.fsdp_version=2',
-                 'trainer.device_train_microbatch_size=null', 'trainer.save_folder=null', 'trainer.autoresume=false',
+                 *CPU_FSDP2, 'trainer.save_folder=null', 'trainer.autoresume=false',
                  f'trainer.log_file={out}/metrics-rank{{rank}}.jsonl']
     command = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
                '--stdout', str(tmp_path / 'rank{rank}.stdout'), '--stderr', str(tmp_path / 'rank{rank}.stderr'),
