@@ -26,7 +26,7 @@ from composer.utils import dist
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_pike.data import MixtureDataset
-from composer_pike.stats import GradientStatistics, GradientStatsAccumulator, gradient_layout
+from composer_pike.stats import GradientStatistics, GradientStatsAccumulator, gradient_layout, gradient_sum_factor
 from composer_pike.weights import (
     balanced_coefficients,
     calibrate_zeta,
@@ -201,7 +201,7 @@ class PiKE(Algorithm):
         chunk_size = self.estimation_batch_size // self.num_chunks
         rank_chunk = chunk_size // world_size
         micro = self.probe_microbatch_size or _device_microbatch(state) or rank_chunk
-        loss_scale = 1.0 / _gradient_sum_factor(model)
+        loss_scale = 1.0 / gradient_sum_factor(model)
         params = [p for p in model.parameters() if p.requires_grad]
         accumulator = GradientStatsAccumulator(
             params, len(active), chunk_size=chunk_size, conflict_sketch_size=self.conflict_sketch_size,
@@ -323,21 +323,6 @@ class PiKE(Algorithm):
             if np.isfinite(lowest):
                 metrics['pike/min_cosine'] = lowest
         logger.log_metrics(metrics)
-
-
-def _gradient_sum_factor(model: torch.nn.Module) -> int:
-    """How many times too large FSDP2 leaves gradients: the world size on gloo, else 1.
-
-    FSDP2's reduce-scatter with the average op sums on gloo (pytorch/pytorch#162338), so on CPU the
-    sharded gradients are world_size times the mean gradient. The probe divides its loss by this so
-    G and sigma^2 come out in the same units as on NCCL.
-    """
-    import torch.distributed as torch_dist
-    from torch.distributed.tensor import DTensor
-
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_backend() != 'gloo':
-        return 1
-    return torch_dist.get_world_size() if any(isinstance(p, DTensor) for p in model.parameters()) else 1
 
 
 def _device_microbatch(state: State) -> int | None:

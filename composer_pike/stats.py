@@ -69,6 +69,30 @@ def gradient_layout(model: torch.nn.Module) -> str:
     return "replicated"
 
 
+def gradient_sum_factor(model: torch.nn.Module) -> int:
+    """How many times the mean gradient FSDP2 leaves in ``p.grad``: the shard group size on gloo, else 1.
+
+    FSDP2 reduce-scatters fp32 and bf16 gradients with ReduceOp.AVG, which gloo's reduce-scatter
+    silently treats as SUM (pytorch/pytorch#162338, torch 2.7), so on CPU the sharded gradients
+    are (shard group size) times the mean. Plain modules, DDP and FSDP1 (both divide by
+    themselves), NCCL and a single process are unaffected. FSDP2 with an fp16 reduce dtype (not
+    reachable through Composer on CPU) divides by itself too and is not recognised here.
+    tests/test_stats.py compares this factor with the measured FSDP2 gradients, so a torch
+    release that fixes the bug fails there.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    param = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    if param is None:
+        return 1
+    mesh = param.device_mesh
+    factor = 1
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard() and dist.get_backend(mesh.get_group(mesh_dim)) == "gloo":
+            factor *= mesh.size(mesh_dim)
+    return factor
+
+
 def estimate_from_sums(
     sum_sq_of_sum: torch.Tensor,
     sum_of_sq: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from composer_pike.stats import GradientStatsAccumulator, gradient_layout
+from composer_pike.stats import GradientStatsAccumulator, gradient_layout, gradient_sum_factor
 
 NUM_DOMAINS = 3
 NUM_CHUNKS = 4
@@ -95,9 +95,13 @@ def main(out_dir: Path) -> None:
     results = {}
     for mode in ("fsdp2", "fsdp1", "ddp"):
         model = wrap(build_model(), mode)
-        # FSDP2's ReduceOp.AVG reduce-scatter sums on gloo (pytorch/pytorch#162338): undo it.
-        loss_scale = 1 / world_size if mode == "fsdp2" else 1.0
-        accumulator = collect_probe(model, rank=rank, world_size=world_size, loss_scale=loss_scale)
+        # FSDP2's ReduceOp.AVG reduce-scatter sums on gloo (pytorch/pytorch#162338); the PiKE probe
+        # divides its loss by gradient_sum_factor. The uncorrected probe shows the distortion itself.
+        sum_factor = gradient_sum_factor(model)
+        raw = collect_probe(model, rank=rank, world_size=world_size).finalize()
+        accumulator = collect_probe(
+            model, rank=rank, world_size=world_size, loss_scale=1 / sum_factor
+        )
         all_reduce_calls = 0
         original_all_reduce = dist.all_reduce
 
@@ -113,6 +117,9 @@ def main(out_dir: Path) -> None:
             dist.all_reduce = original_all_reduce
         results[mode] = {
             "layout": gradient_layout(model),
+            "sum_factor": sum_factor,
+            "raw_grad_sq_norms": raw.grad_sq_norms.tolist(),
+            "raw_per_sample_variances": raw.per_sample_variances.tolist(),
             "all_reduce_calls": all_reduce_calls,
             "grad_sq_norms": stats.grad_sq_norms.tolist(),
             "per_sample_variances": stats.per_sample_variances.tolist(),

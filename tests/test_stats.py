@@ -22,6 +22,7 @@ from composer_pike.stats import (
     GradientStatsAccumulator,
     estimate_from_sums,
     gradient_layout,
+    gradient_sum_factor,
     local_gradient,
     pairwise_cosines,
 )
@@ -522,11 +523,23 @@ def test_two_processes_match_single_process(tmp_path):
     assert rank_results[0] == rank_results[1]  # bit-identical on both ranks
 
     worker = load_worker_module()
-    reference = worker.collect_probe(worker.build_model()).finalize()
-    expected_layout = {"fsdp2": ("sharded", 1), "fsdp1": ("sharded", 1), "ddp": ("replicated", 0)}
-    for mode, (layout, all_reduce_calls) in expected_layout.items():
+    model = worker.build_model()
+    assert gradient_sum_factor(model) == 1  # a single process (no process group) is never corrected
+    reference = worker.collect_probe(model).finalize()
+    # (layout, all-reduces in finalize, gradient_sum_factor): only FSDP2 on gloo is corrected
+    expected = {"fsdp2": ("sharded", 1, 2), "fsdp1": ("sharded", 1, 1), "ddp": ("replicated", 0, 1)}
+    for mode, (layout, all_reduce_calls, sum_factor) in expected.items():
         result = rank_results[0][mode]
         assert (result["layout"], result["all_reduce_calls"]) == (layout, all_reduce_calls), mode
+        assert result["sum_factor"] == sum_factor, mode
+        # The factor is the measured distortion: uncorrected statistics are sum_factor^2 too large
+        # (the bug of pytorch#162338 on FSDP2; none on FSDP1 and DDP).
+        for name in ("grad_sq_norms", "per_sample_variances"):
+            torch.testing.assert_close(
+                torch.tensor(result[f"raw_{name}"], dtype=torch.float64),
+                sum_factor**2 * getattr(reference, name),
+                rtol=1e-5, atol=1e-6, msg=f"{mode} uncorrected {name}",
+            )
         for name in ("grad_sq_norms", "per_sample_variances", "chunk_grad_sq_norms", "cosines"):
             torch.testing.assert_close(
                 torch.tensor(result[name], dtype=torch.float64), getattr(reference, name),
