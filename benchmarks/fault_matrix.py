@@ -2,9 +2,18 @@
 
 Each scenario is one entry in the SCENARIOS table: a name and a function that runs it in a
 scratch directory and returns a ScenarioResult. Scenarios that involve training report the
-samples they lost and repeated; the others leave those as None. Planned entries (crash and
-resume under SIGKILL, object-store fault injection, concurrent runs) are added to the table
-by the work that builds them; until then they are neither run nor counted.
+samples they lost and repeated; the others leave those as None. The scenarios (tests/ holds
+their machinery, shared with the test suite):
+
+    hostile_input        pike-prep on hand-made and randomly mutated hostile files
+    crash_resume         a 2-process FSDP2 run SIGKILLed mid-epoch, relaunched with autoresume
+                         (tests/crash_helpers.py), against a run that was never killed
+    object_store_faults  the mixture loader reading from moto through a proxy that answers GETs
+                         with 500/503, slowly, with dropped connections and flipped bytes (0 and 2
+                         workers), against a fault-free read; then a shard answered 503 for good
+                         (tests/s3_faults.py)
+    concurrent_jobs      pytest's tests of two processes building mixtures at once on one
+                         /dev/shm and of shared-memory names taken by another process
 
 Prints one line per scenario, then a final line that is a JSON object:
 
@@ -19,12 +28,15 @@ of the scenarios run does; fuzz_cases is the number of hostile inputs pike-prep 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +81,96 @@ def hostile_input(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
     return ScenarioResult(not failures, detail, tuple(failures[:5]), fuzz_cases=len(runs) + args.fuzz_cases)
 
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def crash_resume(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
+    """tests/crash_helpers.py's SIGKILL-and-autoresume run (private /dev/shm where unshare works)."""
+    from crash_helpers import crash_and_resume
+    from test_data import private_shm_available
+
+    result = crash_and_resume(scratch, private_shm=private_shm_available())
+    detail = (f"killed after step {result.get('killed_after_step')}, resumed from step "
+              f"{result.get('resumed_from_step')} of {result.get('total_steps')}, stale shared-memory "
+              f"entries {result.get('stale_shm_entries')}, {result['wall_s']} s")
+    return ScenarioResult(result["survived"], detail, tuple(f[:500] for f in result["failures"][:5]),
+                          samples_lost=result["samples_lost"], samples_repeated=result["samples_repeated"])
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[tuple[str, object]]:
+    """A moto S3 server on 127.0.0.1 with dummy credentials in the environment: (endpoint URL, client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    saved = dict(os.environ)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        yield endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def object_store_faults(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
+    """Flaky reads with 0 and 2 workers (samples lost/repeated against the fault-free read), then a
+    shard that stays unavailable (must end the read with an error naming domain, shard and remote)."""
+    import logging
+
+    from crash_helpers import count_lost_and_repeated
+    from s3_faults import SIZES, flaky_read, unavailable_read
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    failures, lost, repeated, details = [], 0, 0, []
+    with moto_server() as (endpoint, client):
+        for workers in (0, 2):
+            result = flaky_read(scratch / f"flaky-{workers}", client, endpoint, workers)
+            outcome, counts = result["outcome"], dict(result["counts"])
+            details.append(f"{workers} workers: {counts}")
+            if "value" not in outcome:
+                failures.append(f"flaky read, {workers} workers: {outcome}")
+                continue
+            steps = {s: batch for s, batch in enumerate(outcome["value"], start=1)}
+            expected = {s: batch for s, batch in enumerate(result["expected"], start=1)}
+            per_domain = count_lost_and_repeated(expected, steps, SIZES)
+            lost += sum(c["lost"] for c in per_domain.values())
+            repeated += sum(c["repeated"] for c in per_domain.values())
+            if steps != expected:
+                failures.append(f"flaky read, {workers} workers: other samples than the fault-free read")
+        result = unavailable_read(scratch / "unavailable", client, endpoint)
+        error = str(result["outcome"].get("error", ""))
+        named = all(part in error for part in ("domain 'forums'", result["shard"], result["remote"]))
+        details.append(f"unavailable shard: {dict(result['counts'])}")
+        if not named or result["cached"] or isinstance(result["outcome"].get("error"), AssertionError):
+            failures.append(f"unavailable shard: outcome {result['outcome']}, cached {result['cached']}")
+    return ScenarioResult(not failures, "; ".join(details), tuple(failures),
+                          samples_lost=lost, samples_repeated=repeated)
+
+
+CONCURRENT_TESTS = ("tests/test_data.py::test_two_processes_building_mixtures_at_the_same_time_do_not_collide",
+                    "tests/test_data.py::test_shared_memory_names_taken_by_another_process_are_retried")
+
+
+def concurrent_jobs(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
+    """The concurrency tests of tests/test_data.py, in a pytest subprocess."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CONCURRENT_TESTS]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    last = (result.stdout.strip().splitlines() or [""])[-1]
+    failures = () if result.returncode == 0 else (result.stdout[-1500:],)
+    return ScenarioResult(result.returncode == 0, f"pytest: {last}", failures)
+
+
 SCENARIOS = [
     Scenario("hostile_input", hostile_input),
+    Scenario("crash_resume", crash_resume),
+    Scenario("object_store_faults", object_store_faults),
+    Scenario("concurrent_jobs", concurrent_jobs),
 ]
 
 

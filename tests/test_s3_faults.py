@@ -1,0 +1,60 @@
+"""Object-store faults (issue 6, item 2): a proxy on 127.0.0.1 in front of moto answers a fraction of GETs
+with 500/503, slowly, with a connection dropped mid-body or with a flipped byte (tests/s3_faults.py).
+
+Reading continues through retries and yields exactly the samples a fault-free read yields; a shard
+that stays unavailable ends the read with an error naming the domain, the shard and the remote; a
+tiny training run from S3 through the faults trains on the same samples, with the same PiKE
+weights and held-out losses, as the same run from local shards.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from s3_faults import FLAKY, FaultyS3Proxy, flaky_read, unavailable_read
+from test_data import upload_tree
+from test_train import DOMAINS, run, uninterrupted, write_manifest  # noqa: F401 (uninterrupted is a fixture)
+
+FAULT_KINDS = ('error', 'drop', 'corrupt', 'slow')
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_reads_through_a_flaky_object_store_yield_exactly_the_fault_free_samples(s3_server, tmp_path, caplog,
+                                                                                 num_workers):
+    with caplog.at_level(logging.WARNING, logger='composer_pike.data'):
+        result = flaky_read(tmp_path, s3_server.client(), s3_server.endpoint_url, num_workers)
+    outcome, counts = result['outcome'], result['counts']
+    assert 'value' in outcome, f'{outcome}; faults injected: {dict(counts)}'
+    assert outcome['value'] == result['expected']
+    assert all(counts[kind] > 0 for kind in (*FAULT_KINDS, 'ok')), counts  # every kind of fault was injected
+    if num_workers == 0:  # the flipped bytes were caught by the shard hash check and downloaded again
+        assert 'does not match its xxh64 hash (download 1 of 3)' in caplog.text
+
+
+def test_a_shard_that_stays_unavailable_ends_the_read_naming_domain_shard_and_remote(s3_server, tmp_path):
+    result = unavailable_read(tmp_path, s3_server.client(), s3_server.endpoint_url)
+    outcome = result['outcome']
+    assert 'hung' not in outcome, outcome
+    error = outcome.get('error')
+    assert error is not None, 'every step was read although a shard was unavailable'
+    assert not isinstance(error, AssertionError), f'wrong samples were yielded: {error}'
+    for part in ("domain 'forums'", result['shard'], result['remote']):
+        assert part in str(error), f'the error does not name {part}: {error!r}'
+    assert result['counts']['unavailable'] >= 2  # retried before giving up
+    assert result['cached'] == []
+
+
+def test_training_from_a_flaky_object_store_matches_training_from_local_shards(uninterrupted, s3_server, tmp_path,
+                                                                              monkeypatch):
+    """The entry point with data.manifest=s3://... through the faulty proxy, against test_train's local run."""
+    bucket = s3_server.create_bucket('pike-flaky-train')
+    upload_tree(s3_server.client(), write_manifest(tmp_path / 'data'), 'pike-flaky-train', 'run')
+    with FaultyS3Proxy(s3_server.endpoint_url, FLAKY) as proxy:
+        monkeypatch.setenv('S3_ENDPOINT_URL', proxy.endpoint_url)
+        _, recorder, series = run(tmp_path, 'flaky', f'data.manifest={bucket}/run',
+                                  f'data.cache_root={tmp_path / "cache"}', 'data.download_timeout=10')
+    _, full_rows, full = uninterrupted
+    assert recorder.rows == full_rows.rows
+    for key in [f'pike/weight/{d}' for d in DOMAINS] + [f'metrics/val_{d}/LanguageCrossEntropy' for d in DOMAINS]:
+        assert series[key] == full[key], key
+    assert all(proxy.counts[kind] > 0 for kind in FAULT_KINDS), proxy.counts
