@@ -83,7 +83,9 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-3
-    weight_decay: float = 0.1
+    # Composer's DecoupledAdamW multiplies the weights by (1 - weight_decay * lr / peak lr) every step:
+    # not scaled by lr, so torch AdamW's 0.1 at lr 1e-3 is 1e-4 here (0.1 would shrink them 10% a step).
+    weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup: str = '10ba'
     alpha_f: float = 0.1                 # final lr / peak lr of the cosine decay
