@@ -16,7 +16,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 DEMO_ROOT = 'runs/demo'
 
@@ -28,6 +30,36 @@ def build_corpus(data_dir: str, seq_len: int) -> None:
         return
     subprocess.run([sys.executable, '-m', 'streaming_prep.demo', '--out', data_dir, '--seq-len', str(seq_len)],
                    check=True)
+
+
+def run_training(config: str, run_dir: str, overrides: Sequence[str], *, echo: bool = True) -> list[tuple[float, str]]:
+    """Train once in a subprocess: ``python -m composer_pike.train CONFIG run_dir=RUN_DIR OVERRIDES...``.
+
+    Removes an old ``RUN_DIR/metrics.jsonl`` first (the logger appends to it). Returns the console
+    lines with their arrival time (seconds since launch), also written to ``RUN_DIR/console.log``
+    as ``seconds<TAB>line``; prints them as they come when ``echo``. Raises RuntimeError naming the
+    log when training fails.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = os.path.join(run_dir, 'metrics.jsonl')
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    command = [sys.executable, '-m', 'composer_pike.train', config, f'run_dir={run_dir}', *overrides]
+    log_path = os.path.join(run_dir, 'console.log')
+    lines: list[tuple[float, str]] = []
+    start = time.monotonic()
+    with open(log_path, 'w') as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
+        for line in proc.stdout:
+            lines.append((time.monotonic() - start, line.rstrip('\n')))
+            log.write(f'{lines[-1][0]:.3f}\t{lines[-1][1]}\n')
+            if echo:
+                print(line, end='', flush=True)
+    if proc.returncode != 0:
+        tail = '\n'.join(line for _, line in lines[-15:])
+        raise RuntimeError(f'training exited with code {proc.returncode} ({" ".join(command)}); '
+                           f'log: {log_path}\n{tail}')
+    return lines
 
 
 def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
@@ -92,14 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for policy in args.policies:
         run_dir = os.path.join(args.root, policy)
-        metrics = os.path.join(run_dir, 'metrics.jsonl')
-        if os.path.exists(metrics):
-            os.remove(metrics)
         print(f'training with mixing.policy={policy} ...', flush=True)
-        subprocess.run([sys.executable, '-m', 'composer_pike.train', args.config, f'mixing.policy={policy}',
-                        f'data.manifest={data_dir}', f'run_dir={run_dir}', f'run_name=demo-{policy}',
-                        *args.overrides], check=True)
-        runs[policy] = read_metrics(metrics)
+        run_training(args.config, run_dir, [f'mixing.policy={policy}', f'data.manifest={data_dir}',
+                                            f'run_name=demo-{policy}', *args.overrides])
+        runs[policy] = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
 
     with open(os.path.join(data_dir, 'manifest.json')) as f:
         domains = list(json.load(f)['domains'])
