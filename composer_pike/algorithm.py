@@ -35,6 +35,7 @@ from composer_pike.weights import (
 )
 
 log = logging.getLogger(__name__)
+CALIBRATIONS = ('every_check', 'first_check')  # when calibrated zetas are chosen
 
 
 def find_mixture(state: State) -> MixtureDataset:
@@ -58,9 +59,15 @@ class PiKE(Algorithm):
             ``num_chunks`` chunks of ``estimation_batch_size / num_chunks`` samples.
         num_chunks: chunks M per domain (>= 2; >= 8 keeps the variance estimate's relative
             standard error near sqrt(2/(M-1))).
-        zeta1, zeta2: step sizes of the G and sigma^2 terms. ``None`` (default) calibrates them at
-            the first check so the largest score equals ``target_step`` nats, with
+        zeta1, zeta2: step sizes of the G and sigma^2 terms. ``None`` (default) calibrates them
+            from the statistics so the largest score equals ``target_step`` nats, with
             ``zeta2 = zeta_ratio * zeta1``.
+        calibration: when calibrated zetas are chosen: ``'every_check'`` (default) or
+            ``'first_check'`` (then kept). Gradients at initialisation are tens of times larger
+            than a few hundred steps later, so zetas fixed at the first check shrink every later
+            update to a few hundredths of a nat and the weights stop moving; chosen at every check,
+            each update moves the most-changed log-weight by ``target_step`` (a normalised
+            mirror-descent step: the statistics set the direction, ``target_step`` the size).
         target_step: nats of log-weight change of the largest score at calibration.
         zeta_ratio: zeta2 / zeta1 when calibrating.
         score_clip: per-check cap on |log-weight change| (nats).
@@ -85,6 +92,7 @@ class PiKE(Algorithm):
         zeta2: float | None = None,
         target_step: float = 0.3,
         zeta_ratio: float = 1.0,
+        calibration: str = 'every_check',
         score_clip: float = 1.0,
         min_weight: float | None = None,
         max_weight: float = 1.0,
@@ -106,6 +114,8 @@ class PiKE(Algorithm):
                 raise ValueError(f'{name} must be > 0, got {value}')
         if (zeta1 is None) != (zeta2 is None):
             raise ValueError('set both zeta1 and zeta2, or neither (then they are calibrated)')
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
         if not target_step > 0 or not zeta_ratio > 0 or not score_clip > 0:
             raise ValueError('target_step, zeta_ratio and score_clip must be > 0')
         if tau < 0:
@@ -119,6 +129,8 @@ class PiKE(Algorithm):
         self.zeta2 = zeta2
         self.target_step = target_step
         self.zeta_ratio = zeta_ratio
+        self.calibration = calibration
+        self._zeta_given = zeta1 is not None
         self.score_clip = score_clip
         self.min_weight = min_weight
         self.max_weight = max_weight
@@ -254,7 +266,7 @@ class PiKE(Algorithm):
             # a non-finite probe loss is reported by pike_update's skip logic, not raised here
             loss_weights[active] = balanced_coefficients(probe_losses, self.tau) \
                 if np.all(np.isfinite(probe_losses)) else np.nan
-        if self.zeta1 is None:
+        if not self._zeta_given and (self.zeta1 is None or self.calibration == 'every_check'):
             try:
                 self.zeta1, self.zeta2 = calibrate_zeta(
                     np.where(mask, grad_sq, 0.0), np.where(mask, variance, 0.0), batch_size=batch_size,

@@ -50,6 +50,7 @@ class PiKEConfig:
     zeta2: Optional[float] = None
     target_step: float = 0.3
     zeta_ratio: float = 1.0
+    calibration: str = 'every_check'     # every_check | first_check (when zeta1/zeta2 are not set)
     score_clip: float = 1.0
     min_weight: Optional[float] = None
     max_weight: float = 1.0
@@ -191,7 +192,7 @@ def validate(config: DictConfig) -> None:
     import composer.loggers
     from composer.core import Precision, Time
 
-    from composer_pike.algorithm import PiKE
+    from composer_pike.algorithm import CALIBRATIONS, PiKE
 
     try:
         check_policy(config.mixing.policy)
@@ -204,6 +205,7 @@ def validate(config: DictConfig) -> None:
         raise ConfigError(f"config key 'data.download_timeout': must be positive seconds, "
                           f"got {config.data.download_timeout}")
     _choice('model.family', config.model.family, ('gpt2', 'llama'))
+    _choice('mixing.pike.calibration', config.mixing.pike.calibration, CALIBRATIONS)
     _choice('trainer.precision', config.trainer.precision, [p.value for p in Precision])
     _choice('trainer.device', config.trainer.device, (None, 'cpu', 'gpu'))
     for key in DURATION_KEYS:

@@ -174,7 +174,8 @@ def test_metrics_at_every_check_and_counts_change_at_effective_step(dataset):
         assert [b for b, _ in series.get(name, [])] == logged_at, name
     assert run.values('pike/checks') == [1.0, 2.0, 3.0, 4.0]
     assert run.values('pike/skipped') == [0.0] * len(checks)
-    assert len(set(run.values('pike/zeta1'))) == 1 and run.values('pike/zeta1')[0] > 0  # calibrated once
+    assert all(z > 0 for z in run.values('pike/zeta1'))
+    assert len(set(run.values('pike/zeta1'))) == len(checks)  # calibrated at every check (the default)
     for i, b in enumerate(logged_at):
         weights = np.array([dict(series[f'pike/weight/{n}'])[b] for n in NAMES])
         assert weights.sum() == pytest.approx(1.0, abs=1e-12)
@@ -474,6 +475,7 @@ def test_mixture_loader_is_accepted_by_composer_with_two_ranks(dataset, monkeypa
     (dict(estimation_batch_size=10, num_chunks=4), 'multiple'),
     (dict(tau=-1.0), 'tau'),
     (dict(target_step=0.0), 'target_step'),
+    (dict(calibration='sometimes'), 'calibration'),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -553,6 +555,27 @@ def test_non_finite_probe_loss_with_balanced_pike_skips(dataset, caplog):
     assert run.values('pike/skipped') == [1.0]
     assert any('non-finite' in r.getMessage() for r in caplog.records), caplog.text
     assert len(run.loader.batch_sampler.planner.schedule) == 1
+
+
+@pytest.mark.parametrize('calibration', ['every_check', 'first_check'])
+def test_calibrated_zeta_at_every_check_or_only_the_first(dataset, calibration):
+    """Each check's zeta is calibrate_zeta of that check's statistics ('every_check'), or of the first
+    check's for the whole run ('first_check'); the weights are pike_update with that zeta."""
+    run = fit(dataset, algorithms=[make_pike(check_interval=2, calibration=calibration)], max_duration='6ba')
+    zetas = run.values('pike/zeta1')
+    log_weights = np.log(np.full(len(NAMES), 1 / len(NAMES)))
+    for check in range(3):
+        stats = {kind: np.array([run.series[f'pike/{kind}/{n}'][check][1] for n in NAMES])
+                 for kind in ('grad_sq_norm', 'variance', 'weight')}
+        if check == 0 or calibration == 'every_check':
+            zeta1, zeta2 = calibrate_zeta(stats['grad_sq_norm'], stats['variance'], batch_size=BATCH_SIZE,
+                                          target_step=1.0)
+        assert zetas[check] == pytest.approx(zeta1, rel=1e-12)
+        step = pike_update(log_weights, stats['grad_sq_norm'], stats['variance'], zeta1=zeta1, zeta2=zeta2,
+                           batch_size=BATCH_SIZE, score_clip=1.0)
+        np.testing.assert_allclose(stats['weight'], step.weights, rtol=1e-10)
+        log_weights = step.log_weights
+    assert (len(set(zetas)) == 3) == (calibration == 'every_check')
 
 
 # --------------------------------------------------------------------------------------------- 7. Balanced-PiKE

@@ -78,6 +78,7 @@ def test_demo_yaml_validates():
     ('mixing.policy=fixed', 'mixing.weights', 'needs mixing.weights'),
     ('trainer.autoresume=true', 'trainer.autoresume', 'save_folder'),
     ('data.download_retry=0', 'data.download_retry', 'at least 1'),
+    ('mixing.pike.calibration=every', 'mixing.pike.calibration', "did you mean 'every_check'"),
     ('data.download_timeout=0', 'data.download_timeout', 'positive'),
 ])
 def test_bad_keys_and_values_name_the_key(override, key, hint):
