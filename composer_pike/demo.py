@@ -7,7 +7,7 @@
 3. Prints a per-domain table (final held-out loss per domain, average, worst, final weights) and
    writes ``runs/demo/demo.png`` with the weight trajectories and held-out loss curves.
 
-Run: ``python -m composer_pike.demo [--policies mix pike] [--steps 200] [key=value ...]``.
+Run: ``python -m composer_pike.demo [--policies mix pike] [key=value ...]`` (e.g. ``trainer.max_duration=200ba``).
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from streaming_prep.demo import _stdlib_sources
+from streaming_prep.demo import _stdlib_sources, print_summary
 from streaming_prep.errors import PrepError
 from streaming_prep.pipeline import prepare
 from streaming_prep.readers import file_sha256
@@ -297,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except PrepError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
-    for name, domain in manifest["domains"].items():
-        print(f"{name}: {domain['bytes'] / MB:.2f} MB, {domain['splits']['train']['samples']} train samples")
-    print(f"wrote {args.out}")
+    print_summary(manifest, args.out)
     return 0
 
 

@@ -112,10 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         except PrepError as err:
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
+    print_summary(manifest, args.out)
+    return 0
+
+
+def print_summary(manifest: dict, out: str) -> None:
+    """One line per domain of a prepared corpus (MB of text, train samples), then where it went."""
     for name, domain in manifest["domains"].items():
         print(f"{name}: {domain['bytes'] / MB:.2f} MB, {domain['splits']['train']['samples']} train samples")
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
