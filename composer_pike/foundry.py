@@ -14,6 +14,7 @@ llm-foundry finds third-party components through entry points (declared in pypro
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from composer.core import DataSpec
@@ -21,6 +22,9 @@ from composer.utils import dist
 
 from composer_pike.data import MixtureDataset, build_mixture_dataloader, sources_from_manifest
 from composer_pike.policies import named_weights
+
+
+DATASET_OPTIONS = ('validate_hash', 'download_retry', 'download_timeout', 'verify_local')
 
 
 def build_pike_dataloader(tokenizer: Any = None, device_batch_size: int = 1, cfg: dict[str, Any] | None = None,
@@ -36,9 +40,15 @@ def build_pike_dataloader(tokenizer: Any = None, device_batch_size: int = 1, cfg
     manifest = settings.pop('manifest', None)
     if manifest is None:
         raise ValueError("train_loader.manifest is required for the pike_mixture loader")
-    dataset = MixtureDataset(sources_from_manifest(manifest, settings.pop('split', 'train'),
-                                                   settings.pop('cache_root', None)),
-                             validate_hash=settings.pop('validate_hash', 'xxh64'))
+    split, cache_root = settings.pop('split', 'train'), settings.pop('cache_root', None)
+    dataset_options = {key: settings.pop(key) for key in DATASET_OPTIONS if key in settings}
+    accepted = set(inspect.signature(build_mixture_dataloader).parameters) - {'dataset', 'global_batch_size'}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise ValueError(f"train_loader.{unknown[0]}: not an option of the pike_mixture loader (options: manifest, "
+                         f"split, cache_root, {', '.join(DATASET_OPTIONS)}, {', '.join(sorted(accepted))})")
+    dataset = MixtureDataset(sources_from_manifest(manifest, split, cache_root),
+                             **{'validate_hash': 'xxh64', **dataset_options})
     weights = settings.pop('weights', None)
     if weights is not None:
         settings['weights'] = named_weights(weights, dataset.domain_names)
