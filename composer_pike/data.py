@@ -140,16 +140,51 @@ def _streaming_setup_lock(is_local_leader: bool) -> Iterator[None]:
         lock.release()
 
 
+SHM_DIR = '/dev/shm'
+STREAMING_SHM = re.compile(r'(\d{6})_\w+')  # streaming's shared-memory names: <prefix>_<what>
+
+
 @functools.cache
 def _clean_stale_shared_memory_once() -> None:
-    """Remove shared memory a crashed run left behind, before this process builds its first dataset.
+    """Unlink streaming shared memory that no process maps any more, once per process (local leader,
+    under the set-up lock).
 
-    streaming's cleaner unlinks every streaming segment on the host, live ones included, so it must
-    not run again once this process holds datasets. (It can still disturb another job running on the
-    same machine at that moment.)
+    A crashed run leaves its segments in /dev/shm, and streaming refuses to reuse their local
+    directories. streaming's own cleaner unlinks every streaming segment on the host, live ones
+    included, so a job starting beside a running one took the running job's names and both used
+    one prefix. Here a prefix is stale only when no process maps any of its segments (from
+    /proc/<pid>/maps). Processes whose maps cannot be read (another user's, whose segments this
+    process cannot unlink anyway, or a non-dumpable one such as a container's init) are taken to
+    map none.
     """
-    from streaming.base.util import clean_stale_shared_memory
-    clean_stale_shared_memory()
+    if not os.path.isdir(SHM_DIR):  # not Linux: nothing to list or clean
+        return
+    names = [name for name in os.listdir(SHM_DIR) if STREAMING_SHM.fullmatch(name)]
+    if not names:
+        return
+    mapped = _mapped_shm_prefixes()
+    for name in names:
+        if name[:6] not in mapped:
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.remove(os.path.join(SHM_DIR, name))
+
+
+def _mapped_shm_prefixes() -> set[str]:
+    """Prefixes of the streaming segments that some process whose memory maps are readable maps."""
+    mapped: set[str] = set()
+    marker = f'{SHM_DIR}/'
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/maps') as f:
+                for line in f:
+                    at = line.find(marker)
+                    if at >= 0 and not line.rstrip().endswith('(deleted)'):
+                        match = STREAMING_SHM.match(line[at + len(marker):].rstrip())
+                        if match:
+                            mapped.add(match[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # the process ended, or hides its maps
+    return mapped
 
 
 def _check_safe_columns(domain: str, shards: Sequence[Any]) -> None:
@@ -219,7 +254,12 @@ def open_streaming_dataset(make_streams: Callable[[], list[Stream]], *, streams:
     while True:
         try:
             with _streaming_setup_lock(world.is_local_leader):
-                _clean_stale_shared_memory_once()
+                if world.is_local_leader:
+                    _clean_stale_shared_memory_once()
+                # Every rank picks streaming's prefix from what /dev/shm holds: the others must look
+                # only once their leader holds the lock and has cleaned.
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.barrier()
                 return StreamingDataset(streams=streams, allow_unsafe_types=False, **dataset_kwargs)
         except FileExistsError as error:
             if world.num_ranks > 1 or attempt == SETUP_ATTEMPTS:

@@ -501,6 +501,51 @@ def test_two_processes_building_mixtures_at_the_same_time_do_not_collide(tmp_pat
     assert 'exit codes 0 0' in result.stdout
 
 
+STALE_SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from mds_helpers import sample_tokens
+from composer_pike.data import DomainSource, MixtureDataset
+first, second = sys.argv[2:4], sys.argv[4:6]
+with open('/dev/shm/000007_locals', 'wb') as f:  # left by a crashed run: mapped by no process
+    f.write(b'stale')
+ready_r, ready_w = os.pipe()
+done_r, done_w = os.pipe()
+child = os.fork()
+if child == 0:  # a job that is running: it holds its dataset while the other one starts
+    os.close(ready_r); os.close(done_w)
+    dataset = MixtureDataset([DomainSource(f'd{k}', d) for k, d in enumerate(first)])
+    os.write(ready_w, str(dataset.streaming._shm_prefix_int).encode()); os.close(ready_w)
+    os.read(done_r, 1)
+    assert (dataset[(1, 3)][2] == sample_tokens(1, 3, dataset.seq_len)).all()
+    os._exit(0)
+running = int(os.read(ready_r, 16))
+names = sorted(n for n in os.listdir('/dev/shm') if n.startswith(f'{running:06}_'))
+dataset = MixtureDataset([DomainSource(f'd{k}', d) for k, d in enumerate(second)])
+print('running', running, 'new', dataset.streaming._shm_prefix_int)
+print('kept', all(os.path.exists('/dev/shm/' + n) for n in names) and bool(names))
+print('stale_removed', not os.path.exists('/dev/shm/000007_locals'))
+os.write(done_w, b'x')
+print('child', os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+"""
+
+
+def test_a_new_job_cleans_only_the_shared_memory_no_process_maps(tmp_path):
+    """Stale segments (mapped by no process) are removed; a running job's are not, and the new job takes
+    another prefix. (streaming's own cleaner unlinked the running job's names, and both used prefix 0.)"""
+    dirs = [*write_domains(str(tmp_path / 'a'), [20, 10], seq_len=SEQ_LEN),
+            *write_domains(str(tmp_path / 'b'), [20, 10], seq_len=SEQ_LEN)]
+    (tmp_path / 'tmp').mkdir()
+    command = [sys.executable, '-c', STALE_SCRIPT, str(Path(__file__).parent), *dirs]
+    result = subprocess.run(with_private_shm(command, required=True), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT, env=dict(os.environ, TMPDIR=str(tmp_path / 'tmp')))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = dict(line.split(' ', 1) for line in result.stdout.strip().splitlines())
+    running, new = lines['running'].split(' new ')
+    assert running != new, result.stdout
+    assert lines['kept'] == 'True' and lines['stale_removed'] == 'True' and lines['child'] == '0', result.stdout
+
+
 def test_shared_memory_names_taken_by_another_process_are_retried(data_dirs, monkeypatch):
     """FileExistsError on streaming's prefix registration (a process outside composer-pike's lock took
     the same name at the same moment) is retried by a single process."""
