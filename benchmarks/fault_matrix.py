@@ -13,7 +13,8 @@ their machinery, shared with the test suite):
                          workers), against a fault-free read; then a shard answered 503 for good
                          (tests/s3_faults.py)
     concurrent_jobs      pytest's tests of two processes building mixtures at once on one
-                         /dev/shm and of shared-memory names taken by another process
+                         /dev/shm, of shared-memory names taken by another process, and of a
+                         job starting beside a running one (only stale segments are cleaned)
 
 Prints one line per scenario, then a final line that is a JSON object:
 
@@ -154,7 +155,8 @@ def object_store_faults(args: argparse.Namespace, scratch: Path) -> ScenarioResu
 
 
 CONCURRENT_TESTS = ("tests/test_data.py::test_two_processes_building_mixtures_at_the_same_time_do_not_collide",
-                    "tests/test_data.py::test_shared_memory_names_taken_by_another_process_are_retried")
+                    "tests/test_data.py::test_shared_memory_names_taken_by_another_process_are_retried",
+                    "tests/test_data.py::test_a_new_job_cleans_only_the_shared_memory_no_process_maps")
 
 
 def concurrent_jobs(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
