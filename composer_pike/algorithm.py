@@ -307,19 +307,21 @@ class PiKE(Algorithm):
         assert mixture is not None
         names = mixture.domain_names
         counts = mixture.counts_at(mixture.planner.schedule[-1][0])
-        noise_scale = variance / np.maximum(grad_sq, np.finfo(np.float64).tiny)
+        epochs = mixture.domain_epochs()
         metrics: dict[str, float] = {'pike/zeta1': math.nan if self.zeta1 is None else float(self.zeta1),
                                      'pike/zeta2': math.nan if self.zeta2 is None else float(self.zeta2),
                                      'pike/skipped': float(skipped), 'pike/checks': float(self.checks)}
         for k, name in enumerate(names):
             metrics[f'pike/weight/{name}'] = float(weights[k])
             metrics[f'pike/batch_count/{name}'] = float(counts[k])
-            metrics[f'pike/epochs/{name}'] = float(mixture.domain_epochs()[k])
-            if k in active:
-                metrics[f'pike/grad_sq_norm/{name}'] = float(grad_sq[k])
-                metrics[f'pike/variance/{name}'] = float(variance[k])
-                metrics[f'pike/probe_loss/{name}'] = float(losses[k])
-                metrics[f'pike/noise_scale/{name}'] = float(noise_scale[k])
+            metrics[f'pike/epochs/{name}'] = float(epochs[k])
+        noise_scale = statistics.noise_scale().numpy()
+        for j, k in enumerate(active):
+            name = names[k]
+            metrics[f'pike/grad_sq_norm/{name}'] = float(grad_sq[k])
+            metrics[f'pike/variance/{name}'] = float(variance[k])
+            metrics[f'pike/probe_loss/{name}'] = float(losses[k])
+            metrics[f'pike/noise_scale/{name}'] = float(noise_scale[j])
         if statistics.cosines is not None:
             cosines = statistics.cosines.numpy()
             lowest = np.inf

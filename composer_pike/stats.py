@@ -153,9 +153,11 @@ class GradientStatistics:
     chunk_size: int
 
     def noise_scale(self) -> torch.Tensor:
-        """Gradient noise scale sigma^2 / G per domain, in samples (McCandlish B_simple)."""
-        tiny = torch.finfo(torch.float64).tiny
-        return self.per_sample_variances / self.grad_sq_norms.clamp(min=tiny)
+        """Gradient noise scale sigma^2 / G per domain, in samples (McCandlish B_simple); NaN where the
+        unbiased estimate of G is not positive (the noise swamps the gradient: the scale is unknown)."""
+        positive = self.grad_sq_norms > 0
+        return torch.where(positive, self.per_sample_variances / torch.where(positive, self.grad_sq_norms, 1.0),
+                           torch.nan)
 
 
 class GradientStatsAccumulator:
