@@ -128,7 +128,7 @@ class FaultyS3Proxy:
         self.server.server_close()
 
     def _decide(self, method: str, key: str) -> str | None:
-        if key.endswith(self.plan.unavailable) and self.plan.unavailable:
+        if key.endswith(self.plan.unavailable):  # False for an empty tuple
             return 'unavailable'
         if method != 'GET' or not key:
             return None
@@ -147,8 +147,9 @@ class FaultyS3Proxy:
         fault = self._decide(request.command, key)
         with self._lock:
             self.counts[fault or 'ok'] += 1
+            errors = self.counts['error']
         if fault in ('error', 'unavailable'):
-            status = 503 if fault == 'unavailable' or self.counts['error'] % 2 else 500
+            status = 503 if fault == 'unavailable' or errors % 2 else 500
             payload = ERROR_BODIES[status] if request.command != 'HEAD' else b''
             request.send_response(status)
             request.send_header('Content-Type', 'application/xml')
