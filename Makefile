@@ -19,7 +19,10 @@ demo: $(INSTALLED)
 
 # One pytest process per test file: every StreamingDataset keeps descriptors for all streaming
 # shared memory in its process, so a single process building hundreds of them runs out of files.
+# pytest's exit code 5 (no tests collected) fails the run too, with its own message.
 test: $(INSTALLED)
 	@status=0; for file in tests/test_*.py; do \
-		echo "== $$file"; $(VENV)/bin/python -m pytest -q "$$file" || status=$$?; \
+		echo "== $$file"; $(VENV)/bin/python -m pytest -q "$$file"; rc=$$?; \
+		if [ $$rc -eq 5 ]; then echo "make test: $$file collected no tests" >&2; fi; \
+		if [ $$rc -ne 0 ]; then status=$$rc; fi; \
 	done; exit $$status
