@@ -100,36 +100,31 @@ def crash_resume(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[tuple[str, object]]:
-    """A moto S3 server on 127.0.0.1 with dummy credentials in the environment: (endpoint URL, client)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+def dummy_credentials() -> Iterator[None]:
+    """The moto server's dummy AWS credentials in os.environ for the block (streaming's clients read them)."""
+    from s3_faults import S3_TEST_ENV
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    saved = dict(os.environ)
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    saved = {name: os.environ.get(name) for name in S3_TEST_ENV}
+    os.environ.update(S3_TEST_ENV)
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        yield endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        yield
     finally:
-        server.stop()
-        os.environ.clear()
-        os.environ.update(saved)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def object_store_faults(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
     """Flaky reads with 0 and 2 workers (samples lost/repeated against the fault-free read), then a
     shard that stays unavailable (must end the read with an error naming domain, shard and remote)."""
-    import logging
-
     from crash_helpers import count_lost_and_repeated
-    from s3_faults import SIZES, flaky_read, unavailable_read
+    from s3_faults import SIZES, flaky_read, moto_server, s3_client, unavailable_read
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     failures, lost, repeated, details = [], 0, 0, []
-    with moto_server() as (endpoint, client):
+    with moto_server() as endpoint, dummy_credentials():
+        client = s3_client(endpoint)
         for workers in (0, 2):
             result = flaky_read(scratch / f"flaky-{workers}", client, endpoint, workers)
             outcome, counts = result["outcome"], dict(result["counts"])

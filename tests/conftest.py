@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,9 +16,9 @@ class S3Server:
 
     def client(self):
         """A boto3 S3 client for this server."""
-        import boto3
+        from s3_faults import s3_client
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+        return s3_client(self.endpoint_url)
 
     def create_bucket(self, name: str) -> str:
         """Create a bucket (if missing) and return its URL, ``s3://name``."""
@@ -36,27 +35,15 @@ def s3_server() -> Iterator[S3Server]:
     Sets S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID/SECRET (``testing``) and AWS_DEFAULT_REGION for the
     session, restoring them afterwards. Use a distinct bucket or prefix per test.
     """
-    from moto.server import ThreadedMotoServer
+    from s3_faults import S3_TEST_ENV, moto_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    request_log = logging.getLogger("werkzeug")  # one line per request otherwise
-    request_log_level = request_log.level
-    request_log.setLevel(logging.WARNING)
-    host, port = server.get_host_and_port()
-    endpoint_url = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as patch:
+    with moto_server() as endpoint_url, pytest.MonkeyPatch.context() as patch:
         patch.setenv("S3_ENDPOINT_URL", endpoint_url)
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name, value in S3_TEST_ENV.items():
+            patch.setenv(name, value)
         patch.delenv("AWS_PROFILE", raising=False)
         patch.delenv("AWS_SESSION_TOKEN", raising=False)
-        try:
-            yield S3Server(endpoint_url)
-        finally:
-            server.stop()
-            request_log.setLevel(request_log_level)
+        yield S3Server(endpoint_url)
 
 
 def _raise_open_file_limit() -> None:

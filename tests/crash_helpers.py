@@ -236,29 +236,18 @@ def checkpoint_step(ckpt: Path) -> int:
 # ------------------------------------------------------------------------------------- the scenario
 
 
-S3_ENV = {'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing', 'AWS_DEFAULT_REGION': 'us-east-1'}
-
-
 @contextlib.contextmanager
 def moto_s3(workdir: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """A moto S3 server on 127.0.0.1 holding the scenario's data: yields (manifest URL, environment for the ranks)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from s3_faults import S3_TEST_ENV, moto_server, s3_client
     from test_data import upload_tree
     from test_train import write_manifest
 
-    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        env = {'S3_ENDPOINT_URL': f'http://{host}:{port}', **S3_ENV}
-        client = boto3.client('s3', endpoint_url=env['S3_ENDPOINT_URL'], region_name=env['AWS_DEFAULT_REGION'],
-                              aws_access_key_id='testing', aws_secret_access_key='testing')
+    with moto_server() as endpoint_url:
+        client = s3_client(endpoint_url)
         client.create_bucket(Bucket='pike-crash')
         upload_tree(client, write_manifest(workdir / 'data', sizes=SIZES), 'pike-crash', 'data')
-        yield 's3://pike-crash/data', env
-    finally:
-        server.stop()
+        yield 's3://pike-crash/data', {'S3_ENDPOINT_URL': endpoint_url, **S3_TEST_ENV}
 
 
 def crash_and_resume(workdir: Path, private_shm: bool = True) -> dict[str, Any]:

@@ -191,6 +191,41 @@ class FaultyS3Proxy:
         request.wfile.write(payload)
 
 
+# ------------------------------------------------------------------------------------- moto
+
+S3_TEST_ENV = {'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing', 'AWS_DEFAULT_REGION': 'us-east-1'}
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server (server mode, so other processes reach it) on 127.0.0.1 for the block; yields its
+    endpoint URL. Its per-request log lines are silenced meanwhile. Credentials: :data:`S3_TEST_ENV`."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    request_log = logging.getLogger('werkzeug')
+    level = request_log.level
+    request_log.setLevel(logging.WARNING)
+    try:
+        host, port = server.get_host_and_port()
+        yield f'http://{host}:{port}'
+    finally:
+        server.stop()
+        request_log.setLevel(level)
+
+
+def s3_client(endpoint_url: str) -> Any:
+    """A boto3 S3 client for ``endpoint_url`` with the :data:`S3_TEST_ENV` credentials."""
+    import boto3
+
+    return boto3.client('s3', endpoint_url=endpoint_url, region_name=S3_TEST_ENV['AWS_DEFAULT_REGION'],
+                        aws_access_key_id=S3_TEST_ENV['AWS_ACCESS_KEY_ID'],
+                        aws_secret_access_key=S3_TEST_ENV['AWS_SECRET_ACCESS_KEY'])
+
+
 # ------------------------------------------------------------------------------------- scenarios
 
 SEQ_LEN = 16
