@@ -329,7 +329,8 @@ class MixtureDataset(Dataset):
         sources: one :class:`DomainSource` per domain, in mixing order.
         validate_hash: hash checked on every shard download from a remote (streaming's
             ``validate_hash``), and on local shards at build time when ``verify_local=True``.
-        download_retry / download_timeout: streaming's per-shard download retry count and seconds.
+        download_retry / download_timeout: attempts per remote file (each also retried by the S3 client)
+            and seconds per download; a download failing its hash is fetched again, up to download_retry times.
         verify_local: hash-check local shards (no remote) once at build time.
     """
 
@@ -338,7 +339,7 @@ class MixtureDataset(Dataset):
         sources: Sequence[DomainSource],
         *,
         validate_hash: str | None = None,
-        download_retry: int = 2,
+        download_retry: int = 3,
         download_timeout: float = 60,
         verify_local: bool = True,
     ) -> None:
