@@ -5,7 +5,8 @@ Layout of the pieces (all in the main process unless stated):
 * :class:`MixtureDataset` - map-style dataset over one StreamingDataset holding one Stream per
   domain (each with its own local cache directory); item ``(domain, index)`` reads one packed
   sequence by random access (in DataLoader workers). It is also the handle the PiKE algorithm and
-  Composer talk to: ``set_weights``, ``state_dict``/``load_state_dict``, ``probe_batch``.
+  Composer talk to: ``set_weights``, ``state_dict``/``load_state_dict``, ``probe_batch`` (which reads
+  each domain in a probe order of its own, :class:`composer_pike.probe_order.ProbeOrder`).
 * :class:`MixtureBatchSampler` - asks the planner for global batches, keeps a snapshot of the
   planner before every planned step, and yields this rank's slice.
 * :class:`MixtureDataLoader` - a DataLoader that counts the batches it has handed to the trainer,
@@ -40,10 +41,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from composer_pike.planner import MixturePlanner, PlannedBatch
+from composer_pike.probe_order import ProbeOrder
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = 'manifest.json'
+NOT_ATTACHED = 'this MixtureDataset is not attached to a loader; use build_mixture_dataloader'
 
 
 @dataclass(frozen=True)
@@ -392,6 +395,7 @@ class MixtureDataset(Dataset):
             raise ValueError(f'domains have different seq_len: {seq_lens}')
         self.seq_len = next(iter(seq_lens.values()))
         self.sampler: MixtureBatchSampler | None = None  # set by build_mixture_dataloader
+        self.probe_order: ProbeOrder | None = None  # set by build_mixture_dataloader
 
     @property
     def shard_sizes(self) -> list[np.ndarray]:
@@ -448,7 +452,7 @@ class MixtureDataset(Dataset):
     @property
     def planner(self) -> MixturePlanner:
         if self.sampler is None:
-            raise RuntimeError('this MixtureDataset is not attached to a loader; use build_mixture_dataloader')
+            raise RuntimeError(NOT_ATTACHED)
         return self.sampler.planner
 
     @property
@@ -495,28 +499,47 @@ class MixtureDataset(Dataset):
                     world_size: int = 1) -> dict[str, torch.Tensor]:
         """This rank's share of ``num_samples`` samples of ``domain``, as ``num_chunks`` consecutive chunks.
 
-        The samples are the next ones the domain will train on (as of the trainer's current step),
-        so their shards are already local or being prefetched; the choice does not depend on timing.
-        Each rank takes its slice of every chunk, so a global chunk holds the same samples on any
-        number of ranks.
+        The samples are the next ``num_samples`` of the domain's probe order (see
+        :mod:`composer_pike.probe_order`): a fresh pseudo-random permutation of the domain per pass,
+        keyed by the loader's seed, the domain and the pass, so no sample repeats within a pass and
+        the choice depends neither on training progress nor on timing. Every call advances the
+        domain's probe cursor by ``num_samples``, the global count, whatever ``rank`` (the cursors
+        are saved by :meth:`state_dict`). Each rank takes its slice of every chunk, so a global chunk
+        holds the same samples on any number of ranks. Samples are read by random access: a remote
+        shard not yet local is downloaded now.
         """
         if num_samples % (num_chunks * world_size):
             raise ValueError(f'probe size {num_samples} is not divisible by num_chunks x world size '
                              f'({num_chunks} x {world_size})')
-        ids = self.planner.samples_after(self.sampler.position(), domain, num_samples)
+        if self.probe_order is None:
+            raise RuntimeError(NOT_ATTACHED)
+        ids = self.probe_order.take(domain, num_samples)
         ids = ids.reshape(num_chunks, world_size, -1)[:, rank].reshape(-1)
         return collate_samples([self[(domain, int(i))] for i in ids])
 
     # ---- Composer dataset resumption (called with samples seen in the current epoch) ---------
 
     def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict[str, Any]:
-        """Planner state at the trainer's position: primitives only, identical on every rank."""
+        """Planner state at the trainer's position and the probe cursors: primitives only, identical on every rank.
+
+        The probe cursors are taken as they are now, not rewound to the trainer's position: PiKE
+        probes at BEFORE_TRAIN_BATCH of a check step, before that step's checkpoint, and a run
+        resumed from that checkpoint starts after the step, so it must not draw that probe again.
+        """
         del num_samples, from_beginning  # the loader itself counts the batches the trainer took
-        return {'planner': self.sampler.position(), 'consumed': int(self.sampler.consumed)}
+        return {'planner': self.sampler.position(), 'consumed': int(self.sampler.consumed),
+                'probe_order': self.probe_order.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume exactly where :meth:`state_dict` was taken (Composer calls this on resume)."""
+        """Resume exactly where :meth:`state_dict` was taken (Composer calls this on resume).
+
+        A state without probe cursors (written before probes had an order of their own) starts the
+        probe orders from the beginning.
+        """
         self.sampler.restore(state['planner'], int(state['consumed']))
+        self.probe_order = ProbeOrder(self.domain_sizes, self.planner.seed)
+        if 'probe_order' in state:
+            self.probe_order.load_state_dict(state['probe_order'])
 
 
 def collate_samples(samples: Sequence[tuple[int, int, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -728,6 +751,7 @@ def build_mixture_dataloader(
     sampler = MixtureBatchSampler(dataset, planner, rank=rank, world_size=world_size,
                                   steps_per_epoch=steps_per_epoch, delay=delay, prefetch_steps=prefetch_steps)
     dataset.sampler = sampler
+    dataset.probe_order = ProbeOrder(dataset.domain_sizes, seed)
     return MixtureDataLoader(
         dataset,
         batch_sampler=sampler,

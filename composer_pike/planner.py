@@ -295,16 +295,6 @@ class MixturePlanner:
         start = int(self.cursors[k])
         return order[start:start + count]
 
-    def samples_after(self, position: dict[str, Any], k: int, count: int) -> np.ndarray:
-        """``count`` sample ids of domain ``k`` that follow ``position`` (a :meth:`state_dict`) in its pass.
-
-        Wraps to the start of the same pass when fewer than ``count`` remain; used to pick probe
-        samples that depend only on the trainer's position, not on how far the loader ran ahead.
-        """
-        epoch, cursor = int(position['epochs'][k]), int(position['cursors'][k])
-        order = self._order(k) if epoch == self.epochs[k] else self._pass_order(k, epoch)
-        return order[(cursor + np.arange(count)) % len(order)]
-
     # ----------------------------------------------------------------------------------------
     # state
 

@@ -163,16 +163,6 @@ def test_stop_policy_stops_before_a_second_pass():
     assert batches == 2 and planner.finished and planner.epochs.tolist() == [0, 0]
 
 
-def test_samples_after_wraps_inside_the_pass():
-    planner = MixturePlanner([10], 4, seed=1)
-    planner.plan_next()
-    position = planner.state_dict()
-    ids = planner.samples_after(position, 0, 8)
-    order = planner.upcoming_samples(0, 6)
-    assert np.array_equal(ids[:6], order)
-    assert len(set(ids.tolist())) == 8
-
-
 @pytest.mark.parametrize('kwargs, match', [
     (dict(batching='mixed'), 'batching'),
     (dict(on_exhausted='wrap'), 'on_exhausted'),
