@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from torch import nn
 from composer_pike.stats import (
     GradientStatistics,
     GradientStatsAccumulator,
+    PooledStatistics,
+    cosine_intervals,
     estimate_from_sums,
     gradient_layout,
     gradient_sum_factor,
@@ -545,3 +548,117 @@ def test_two_processes_match_single_process(tmp_path):
                 torch.tensor(result[name], dtype=torch.float64), getattr(reference, name),
                 rtol=1e-5, atol=1e-6, msg=f"{mode} {name}",
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard errors and pooling (PIKE_MATH.md s.9)
+
+
+def gaussian_chunk_means(rng, mean, noise_eigs, num_chunks: int, chunk_size: int) -> np.ndarray:
+    """(M, d) chunk-mean gradients: ``mean`` plus Gaussian noise of per-sample covariance diag(noise_eigs)."""
+    return mean + rng.normal(size=(num_chunks, mean.size)) * np.sqrt(noise_eigs / chunk_size)
+
+
+def probe_of(chunks: np.ndarray, chunk_size: int) -> tuple[float, float, np.ndarray]:
+    """(G-hat, sigma^2-hat, chunk squared norms) of one domain, as the accumulator computes them."""
+    sum_sq_norms = float(np.sum(chunks.sum(0) ** 2))
+    chunk_sq_norms = np.sum(chunks**2, axis=1)
+    grad, variance = estimate_from_sums(torch.tensor([sum_sq_norms]), torch.tensor([chunk_sq_norms.sum()]),
+                                        num_chunks=chunks.shape[0], chunk_size=chunk_size)
+    return grad.item(), variance.item(), chunk_sq_norms
+
+
+def noise_model(noise_scale: float, effective_dim: str, aligned: bool, dim: int = 200):
+    """A domain with sigma^2 = 1 (per sample), G = 1 / noise_scale, noise spread evenly over ``dim``
+    directions or decaying, and the mean gradient drawn evenly or along the noisy directions."""
+    rng = np.random.default_rng(7)
+    eigs = np.ones(dim) if effective_dim == 'flat' else np.exp(-np.arange(dim) / 20.0)
+    eigs /= eigs.sum()
+    mean = rng.normal(size=dim) * (np.sqrt(eigs * dim) if aligned else 1.0)
+    mean *= np.sqrt(1.0 / noise_scale / (mean @ mean))
+    return mean, eigs
+
+
+@pytest.mark.parametrize('noise_scale, effective_dim, aligned', [
+    (20.0, 'flat', False), (200.0, 'decaying', False), (200.0, 'decaying', True), (2000.0, 'flat', False)])
+def test_standard_errors_cover_the_truth_at_their_nominal_rate(noise_scale, effective_dim, aligned):
+    """+-1.96 logged standard errors cover the true G and sigma^2 in about 95% of probes, per probe and
+    pooled, once the noise shape has a few probes behind it (M = 8 chunks of 4 samples)."""
+    mean, eigs = noise_model(noise_scale, effective_dim, aligned)
+    true_grad, true_variance = float(mean @ mean), 1.0
+    rng = np.random.default_rng(1)
+    covered = {'grad': [], 'variance': [], 'pooled_grad': [], 'pooled_variance': []}
+    for _ in range(150):
+        pooled = PooledStatistics(1)
+        for check in range(12):
+            grad, variance, chunk_norms = probe_of(gaussian_chunk_means(rng, mean, eigs, 8, 4), 4)
+            grad_se, variance_se = pooled.update([0], [grad], [variance], chunk_norms[None], [0.0], num_chunks=8,
+                                                 chunk_size=4)
+            if check >= 4:
+                covered['grad'].append(abs(grad - true_grad) <= 1.96 * grad_se[0])
+                covered['variance'].append(abs(variance - true_variance) <= 1.96 * variance_se[0])
+                covered['pooled_grad'].append(
+                    abs(pooled.grad_sq_norms[0] - true_grad) <= 1.96 * np.sqrt(pooled.grad_sq_var[0]))
+                covered['pooled_variance'].append(
+                    abs(pooled.per_sample_variances[0] - true_variance) <= 1.96 * np.sqrt(pooled.variance_var[0]))
+    rates = {name: float(np.mean(values)) for name, values in covered.items()}
+    assert all(0.89 <= rate <= 0.995 for rate in rates.values()), rates
+
+
+def test_pooling_weights_probes_and_counts_effective_samples():
+    pooled = PooledStatistics(3, decay=0.5)
+    norms = np.array([[1.0, 2.0], [3.0, 5.0]])
+    pooled.update([0, 2], [1.0, 4.0], [10.0, 20.0], norms, [2.0, 3.0], num_chunks=2, chunk_size=4)
+    pooled.update([0], [3.0], [30.0], norms[:1], [4.0], num_chunks=2, chunk_size=4)
+    assert pooled.seen.tolist() == [True, False, True]
+    assert pooled.grad_sq_norms[0] == pytest.approx((0.5 * 1.0 + 3.0) / 1.5)
+    assert pooled.per_sample_variances[0] == pytest.approx((0.5 * 10 + 30) / 1.5)
+    assert pooled.losses[0] == pytest.approx((0.5 * 2 + 4) / 1.5)
+    assert pooled.grad_sq_norms[2] == 4.0 and np.isnan(pooled.grad_sq_norms[1])
+    assert pooled.effective_samples[0] == pytest.approx(8 * 1.5**2 / 1.25)  # n (sum w)^2 / sum w^2
+    assert pooled.effective_samples[2] == 8
+    restored = PooledStatistics(3, decay=0.5)
+    restored.load_state_dict(json.loads(json.dumps(pooled.state_dict())))
+    for name in ('grad_sq_norms', 'grad_sq_var', 'noise_shape', 'effective_samples'):
+        np.testing.assert_array_equal(getattr(restored, name), getattr(pooled, name))
+    with pytest.raises(ValueError, match='3 domains'):
+        PooledStatistics(3).load_state_dict({**pooled.state_dict(), 'weight': [1.0]})
+
+
+def test_pooling_shrinks_the_standard_error_like_more_samples():
+    mean, eigs = noise_model(200.0, 'decaying', False)
+    rng = np.random.default_rng(3)
+    single, pooled = PooledStatistics(1, decay=0.0), PooledStatistics(1, decay=0.8)
+    for _ in range(40):
+        chunks = gaussian_chunk_means(rng, mean, eigs, 8, 4)
+        for statistics in (single, pooled):
+            grad, variance, norms = probe_of(chunks, 4)
+            statistics.update([0], [grad], [variance], norms[None], [0.0], num_chunks=8, chunk_size=4)
+    assert pooled.effective_samples[0] == pytest.approx(32 * 9, rel=1e-3)  # (1 + 0.8) / (1 - 0.8) probes
+    ratio = np.sqrt(pooled.grad_sq_var[0] / single.grad_sq_var[0])
+    assert 0.25 < ratio < 0.45  # about 1 / sqrt(9)
+
+
+def test_cosine_intervals_cover_the_truth():
+    """Two domains at a known cosine: the +-1.96 interval covers it in about 95% of probes."""
+    rng = np.random.default_rng(4)
+    dim, chunk_size, num_chunks = 200, 4, 8
+    eigs = np.full(dim, 1.0 / dim)
+    first = rng.normal(size=dim)
+    second = 0.3 * first / np.linalg.norm(first) + np.sqrt(1 - 0.09) * np.linalg.qr(
+        np.stack([first, rng.normal(size=dim)], 1))[0][:, 1]
+    means = np.stack([first / np.linalg.norm(first), second]) * np.sqrt(1 / 30.0)  # noise scale 30
+    pooled = PooledStatistics(2)
+    covered = []
+    for check in range(300):
+        chunks = [gaussian_chunk_means(rng, means[k], eigs, num_chunks, chunk_size) for k in range(2)]
+        probes = [probe_of(c, chunk_size) for c in chunks]
+        pooled.update([0, 1], [p[0] for p in probes], [p[1] for p in probes], np.stack([p[2] for p in probes]),
+                      [0.0, 0.0], num_chunks=num_chunks, chunk_size=chunk_size)
+        inner = np.array([[0.0, chunks[0].mean(0) @ chunks[1].mean(0)]] * 2)
+        cosines, se = cosine_intervals(inner, np.zeros((2, 2)), pooled.grad_sq_norms, pooled.grad_sq_var,
+                                       pooled.per_sample_variances, pooled.noise_shape, num_chunks=num_chunks,
+                                       chunk_size=chunk_size)
+        if check >= 10:
+            covered.append(abs(cosines[0, 1] - 0.3) <= 1.96 * se[0, 1])
+    assert 0.88 <= np.mean(covered) <= 0.995, np.mean(covered)

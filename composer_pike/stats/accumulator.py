@@ -1,4 +1,4 @@
-"""Per-domain gradient statistics for PiKE (PIKE_MATH.md section 7).
+"""Per-domain gradient statistics for PiKE (PIKE_MATH.md section 7): chunk gradients to sums of squares.
 
 For every domain k the probe runs M chunk micro-batches of m samples each and reads the
 chunk-mean gradients ghat_1..ghat_M. From S = sum_i ghat_i and Q = sum_i ||ghat_i||^2:
@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.distributed.tensor import DTensor
+
+from composer_pike.stats.estimators import estimate_from_sums, pairwise_cosines
 
 LAYOUTS = ("replicated", "sharded")
 
@@ -93,54 +95,6 @@ def gradient_sum_factor(model: torch.nn.Module) -> int:
     return factor
 
 
-def estimate_from_sums(
-    sum_sq_of_sum: torch.Tensor,
-    sum_of_sq: torch.Tensor,
-    *,
-    num_chunks: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unbiased (G, sigma^2) per domain from ||S||^2 and Q = sum_i ||ghat_i||^2.
-
-    Args:
-        sum_sq_of_sum: (K,) squared norm of S, the sum of the M chunk-mean gradients.
-        sum_of_sq: (K,) sum over chunks of the squared chunk-mean gradient norms.
-        num_chunks: M, chunks per domain (at least 2).
-        chunk_size: m, samples per chunk.
-
-    Returns:
-        (G, sigma2), float64 of shape (K,): G estimates ||grad L_k||^2 (squared gradient norm,
-        may be negative) and sigma2 the per-sample gradient variance trace.
-    """
-    if num_chunks < 2:
-        raise ValueError(f"need at least 2 chunks per domain for the variance, got {num_chunks}")
-    sum_sq_of_sum = torch.as_tensor(sum_sq_of_sum, dtype=torch.float64)
-    sum_of_sq = torch.as_tensor(sum_of_sq, dtype=torch.float64)
-    grad_sq_norms = (sum_sq_of_sum - sum_of_sq) / (num_chunks * (num_chunks - 1))
-    spread = sum_of_sq - sum_sq_of_sum / num_chunks  # sum_i ||ghat_i - S / M||^2
-    per_sample_variances = chunk_size * spread / (num_chunks - 1)
-    return grad_sq_norms, per_sample_variances
-
-
-def pairwise_cosines(
-    cross_sums: torch.Tensor, grad_sq_norms: torch.Tensor, *, num_chunks: int
-) -> torch.Tensor:
-    """Cosines between domain gradients, (K, K) float64.
-
-    ``cross_sums[j, k]`` estimates <S_j, S_k>; for j != k the two sums come from independent
-    samples, so <S_j, S_k> / M^2 is unbiased for <grad L_j, grad L_k>. Dividing by
-    sqrt(G_j G_k) makes the cosine consistent (not unbiased; values may leave [-1, 1] through
-    noise). Entries with G_j <= 0 or G_k <= 0 are NaN; the diagonal is 1.
-    """
-    cross_sums = torch.as_tensor(cross_sums, dtype=torch.float64)
-    grad_norms = torch.as_tensor(grad_sq_norms, dtype=torch.float64).clamp(min=0).sqrt()
-    norm_products = torch.outer(grad_norms, grad_norms)
-    inner_products = cross_sums / num_chunks**2
-    cosines = torch.where(norm_products > 0, inner_products / norm_products, math.nan)
-    cosines.fill_diagonal_(1.0)
-    return cosines
-
-
 @dataclass
 class GradientStatistics:
     """Result of one probe; identical on every rank, float64 tensors on the CPU."""
@@ -151,6 +105,8 @@ class GradientStatistics:
     cosines: torch.Tensor | None  # (K, K) conflict monitor, None when disabled
     num_chunks: int
     chunk_size: int
+    inner_products: torch.Tensor | None = None  # (K, K) unbiased <grad L_j, grad L_k> off the diagonal
+    inner_product_sketch_var: torch.Tensor | None = None  # (K, K) variance the sketch adds to them
 
     def noise_scale(self) -> torch.Tensor:
         """Gradient noise scale sigma^2 / G per domain, in samples (McCandlish B_simple); NaN where the
@@ -328,7 +284,11 @@ class GradientStatsAccumulator:
         partial_sums = [chunk_sq_norms.flatten(), sum_sq_norms]
         if self._sketch is not None:
             sketch = self._sketch.double()
-            partial_sums.append((self._sketch_stride * (sketch @ sketch.T)).flatten())
+            stride = self._sketch_stride
+            partial_sums.append((stride * (sketch @ sketch.T)).flatten())
+            # Variance the coordinate sampling adds to each <S_j, S_k> (0 for a full sketch, stride 1).
+            squared = sketch.square()
+            partial_sums.append((stride * (stride - 1) * (squared @ squared.T)).flatten())
         packed = torch.cat(partial_sums)
         if self.layout == "sharded" and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
@@ -344,16 +304,22 @@ class GradientStatsAccumulator:
             num_chunks=num_chunks,
             chunk_size=self.chunk_size,
         )
-        cosines = None
+        cosines = inner_products = inner_product_sketch_var = None
         if self._sketch is not None:
-            cross_sums = packed[num_chunk_entries + num_domains :].view(num_domains, num_domains)
+            start = num_chunk_entries + num_domains
+            cross_sums = packed[start : start + num_domains**2].view(num_domains, num_domains)
             cosines = pairwise_cosines(cross_sums, grad_sq_norms, num_chunks=num_chunks)
+            inner_products = cross_sums / num_chunks**2
+            inner_product_sketch_var = packed[start + num_domains**2 :].view(num_domains, num_domains)
+            inner_product_sketch_var = inner_product_sketch_var / num_chunks**4
         self._start_cycle()
         return GradientStatistics(
             grad_sq_norms=grad_sq_norms,
             per_sample_variances=per_sample_variances,
             chunk_grad_sq_norms=chunk_sq_norms,
             cosines=cosines,
+            inner_products=inner_products,
+            inner_product_sketch_var=inner_product_sketch_var,
             num_chunks=num_chunks,
             chunk_size=self.chunk_size,
         )

@@ -1,0 +1,166 @@
+"""Pooling of each domain's probe statistics across checks (PIKE_MATH.md s.9).
+
+One probe of a few dozen samples leaves G-hat's sign a coin toss when the noise scale sigma^2/G is in
+the hundreds; the statistics drift slowly compared with a check interval, so averaging a domain's
+recent probes turns many small probes into one large one. Every probe of domain k enters with weight 1
+after the domain's earlier probes were multiplied by ``decay`` (the decay counts the domain's own probes,
+so a domain probed in rotation pools as many probes as one probed at every check):
+
+    pooled value     = sum_j w_j x_j / sum_j w_j
+    pooled variance  = sum_j w_j^2 V_j / (sum_j w_j)^2          V_j: probe j's sampling variance
+    effective samples = (sum_j w_j n_j)^2 / sum_j w_j^2 n_j      n_j: probe j's samples (n for equal probes:
+                                                                 n (1 + decay) / (1 - decay) in the long run)
+
+The noise shape kappa (see :mod:`.estimators`) pools with the slower ``shape_decay`` as a ratio of sums.
+Plain numpy; the state is fixed-shape float lists, so it survives sharded checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from composer_pike.stats.estimators import estimator_variances, noise_shape_evidence
+
+FloatArray = NDArray[np.float64]
+_SUMS = ('weight', 'weight_sq', 'grad_sum', 'variance_sum', 'loss_sum', 'grad_var_sum', 'variance_var_sum',
+         'covariance_sum', 'sample_sum', 'sample_sq_sum', 'shape_num', 'shape_den', 'shape_weight', 'shape_weight_sq',
+         'shape_dof', 'probes')
+
+
+class PooledStatistics:
+    """Per-domain exponentially weighted G, sigma^2 and probe loss, with their standard errors.
+
+    Args:
+        num_domains: K.
+        decay: weight kept by a domain's earlier probes at each new probe of it (0 = no pooling: the
+            latest probe only).
+        shape_decay: the same for the noise shape kappa = 1/d_eff, which varies more slowly.
+    """
+
+    def __init__(self, num_domains: int, *, decay: float = 0.7, shape_decay: float = 0.9) -> None:
+        for name, value in (('decay', decay), ('shape_decay', shape_decay)):
+            if not 0 <= value < 1:
+                raise ValueError(f'{name} must be in [0, 1), got {value}')
+        self.num_domains = num_domains
+        self.decay = decay
+        self.shape_decay = shape_decay
+        for name in _SUMS:
+            setattr(self, name, np.zeros(num_domains))
+
+    def update(
+        self,
+        domains: ArrayLike,
+        grad_sq_norms: ArrayLike,
+        per_sample_variances: ArrayLike,
+        chunk_sq_norms: ArrayLike,
+        probe_losses: ArrayLike,
+        *,
+        num_chunks: int,
+        chunk_size: int,
+    ) -> tuple[FloatArray, FloatArray]:
+        """Add one probe of ``domains`` (their G-hat, sigma^2-hat, (D, M) chunk norms and mean losses).
+
+        Returns this probe's standard errors (of G-hat, of sigma^2-hat), one per probed domain.
+        """
+        index = np.asarray(domains, dtype=np.int64)
+        grad = np.asarray(grad_sq_norms, dtype=np.float64)
+        variance = np.asarray(per_sample_variances, dtype=np.float64)
+        reference = np.where(self.probes[index] > 0, self.grad_sq_norms[index], grad)
+        shape_num, shape_den = noise_shape_evidence(chunk_sq_norms, variance, reference, chunk_size=chunk_size)
+        for name, value, factor in (('shape_num', shape_num, self.shape_decay),
+                                    ('shape_den', shape_den, self.shape_decay),
+                                    ('shape_weight', 1.0, self.shape_decay),
+                                    ('shape_weight_sq', 1.0, self.shape_decay**2),
+                                    ('shape_dof', num_chunks - 1.0, self.shape_decay)):
+            total = getattr(self, name)
+            total[index] = factor * total[index] + value
+        grad_var, variance_var, covariance = estimator_variances(
+            reference, variance, self.noise_shape[index], num_chunks=num_chunks, chunk_size=chunk_size)
+        samples = float(num_chunks * chunk_size)
+        keep, keep_sq = self.decay, self.decay**2
+        for name, value, factor in (
+                ('weight', 1.0, keep), ('weight_sq', 1.0, keep_sq), ('grad_sum', grad, keep),
+                ('variance_sum', variance, keep), ('loss_sum', np.asarray(probe_losses, dtype=np.float64), keep),
+                ('grad_var_sum', grad_var, keep_sq), ('variance_var_sum', variance_var, keep_sq),
+                ('covariance_sum', covariance, keep_sq), ('sample_sum', samples, keep),
+                ('sample_sq_sum', samples, keep_sq)):
+            total = getattr(self, name)
+            total[index] = factor * total[index] + value
+        self.probes[index] += 1
+        return np.sqrt(grad_var), np.sqrt(variance_var)
+
+    # ---- pooled values (NaN for a domain never probed) ----------------------------------------
+
+    @property
+    def seen(self) -> NDArray[np.bool_]:
+        return self.probes > 0
+
+    def _mean(self, total: FloatArray) -> FloatArray:
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.seen, total / self.weight, np.nan)
+
+    def _mean_variance(self, total: FloatArray) -> FloatArray:
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.seen, total / self.weight**2, np.nan)
+
+    @property
+    def grad_sq_norms(self) -> FloatArray:
+        """Pooled ||grad L_k||^2 (unbiased pieces averaged; may be negative)."""
+        return self._mean(self.grad_sum)
+
+    @property
+    def per_sample_variances(self) -> FloatArray:
+        """Pooled per-sample gradient variance trace sigma_k^2."""
+        return self._mean(self.variance_sum)
+
+    @property
+    def losses(self) -> FloatArray:
+        """Pooled mean probe loss per domain (nats per token)."""
+        return self._mean(self.loss_sum)
+
+    @property
+    def grad_sq_var(self) -> FloatArray:
+        return self._mean_variance(self.grad_var_sum)
+
+    @property
+    def variance_var(self) -> FloatArray:
+        return self._mean_variance(self.variance_var_sum)
+
+    @property
+    def covariance(self) -> FloatArray:
+        """Pooled Cov(G, sigma^2) (negative: both share the chunk noise)."""
+        return self._mean_variance(self.covariance_sum)
+
+    @property
+    def effective_samples(self) -> FloatArray:
+        """Probe samples the pooled estimate is worth (see the module docstring)."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.seen, self.sample_sum**2 / self.sample_sq_sum, 0.0)
+
+    @property
+    def noise_shape(self) -> FloatArray:
+        """kappa = tr(C^2) / tr(C)^2 = 1 / d_eff of the chunk noise (0 until measured)."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.shape_den > 0, np.maximum(self.shape_num, 0.0) / self.shape_den, 0.0)
+
+    @property
+    def degrees_of_freedom(self) -> FloatArray:
+        """Degrees of freedom behind the standard errors (those of the noise shape: M - 1 per probe,
+        counted like effective samples); 0 until measured."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.seen, self.shape_dof * self.shape_weight / self.shape_weight_sq, 0.0)
+
+    # ---- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).tolist() for name in _SUMS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in _SUMS:
+            values = np.asarray(state[name], dtype=np.float64)
+            if values.shape != (self.num_domains,):
+                raise ValueError(f'pooled statistics {name!r} has shape {values.shape}, this mixture has '
+                                 f'{self.num_domains} domains')
+            setattr(self, name, values)
