@@ -1,17 +1,18 @@
 """The PiKE Composer algorithm: glue between Composer events, gradient statistics and the mixture loader.
 
 Every ``check_interval`` steps, at BEFORE_TRAIN_BATCH (whose gradients the trainer's own
-``zero_grad`` wipes right after), the algorithm runs ``num_chunks`` chunk micro-batches of every
-domain through the model and turns the chunk gradients into G_k and sigma_k^2
-(:mod:`composer_pike.stats`). At BATCH_END it applies one PiKE step (:mod:`composer_pike.weights`)
-and schedules the new weights on the loader, which uses them from step ``t + 1 + delay``.
+``zero_grad`` wipes right after), the algorithm runs ``num_chunks`` chunk micro-batches of up to
+``domains_per_check`` domains through the model (least recently probed first) and turns the chunk
+gradients into G_k and sigma_k^2 (:mod:`composer_pike.stats`), pooled across checks with their
+standard errors. At BATCH_END it applies one update (:mod:`composer_pike.weights`) and schedules the
+new weights on the loader, which uses them from step ``t + 1 + delay``.
 
 The weights themselves live in the loader's schedule, which Composer checkpoints with the dataset
-state; the algorithm's own state is only the zeta constants and the check count (fixed shape, so
-it also survives sharded checkpoints).
+state; the algorithm's own state is the pooled statistics and counters.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -26,16 +27,31 @@ from composer.utils import dist
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_pike.data import MixtureDataset
-from composer_pike.stats import GradientStatistics, GradientStatsAccumulator, gradient_layout, gradient_sum_factor
+from composer_pike.stats import (
+    GradientStatistics,
+    GradientStatsAccumulator,
+    PooledStatistics,
+    cosine_intervals,
+    gradient_layout,
+    gradient_sum_factor,
+)
 from composer_pike.weights import (
+    PikeStep,
+    apply_scores,
+    auto_zeta_ratio,
     balanced_coefficients,
-    calibrate_zeta,
+    default_min_weight,
     epoch_cap_upper_bounds,
+    evidence_scores,
+    kkt_weights,
     pike_update,
+    project_to_bounds,
 )
 
 log = logging.getLogger(__name__)
-CALIBRATIONS = ('every_check', 'first_check')  # when calibrated zetas are chosen
+UPDATES = ('evidence', 'paper', 'kkt')  # how the weights follow the statistics
+MAX_DOMAINS_PER_CHECK = 8  # default probe budget: larger mixtures are probed in rotation
+CONFLICT_Z = 1.96  # a conflict warning needs the cosine's 95% interval below the threshold
 
 
 def find_mixture(state: State) -> MixtureDataset:
@@ -55,29 +71,39 @@ class PiKE(Algorithm):
 
     Args:
         check_interval: optimizer steps between weight updates (the paper's T0).
-        estimation_batch_size: samples per domain per check, over all ranks; split into
+        estimation_batch_size: probe samples per probed domain per check, over all ranks; split into
             ``num_chunks`` chunks of ``estimation_batch_size / num_chunks`` samples.
-        num_chunks: chunks M per domain (>= 2; >= 8 keeps the variance estimate's relative
-            standard error near sqrt(2/(M-1))).
-        zeta1, zeta2: step sizes of the G and sigma^2 terms. ``None`` (default) calibrates them
-            from the statistics so the largest score equals ``target_step`` nats, with
-            ``zeta2 = zeta_ratio * zeta1``.
-        calibration: when calibrated zetas are chosen: ``'every_check'`` (default) or
-            ``'first_check'`` (then kept). Gradients at initialisation are tens of times larger
-            than a few hundred steps later, so zetas fixed at the first check shrink every later
-            update to a few hundredths of a nat and the weights stop moving; chosen at every check,
-            each update moves the most-changed log-weight by ``target_step`` (a normalised
-            mirror-descent step: the statistics set the direction, ``target_step`` the size).
-        target_step: nats of log-weight change of the largest score at calibration.
-        zeta_ratio: zeta2 / zeta1 when calibrating.
+        num_chunks: chunks M per domain (>= 2).
+        domains_per_check: domains probed per check, least recently probed first (``None``: all
+            when there are at most 8, else 8). The probe then costs at most
+            ``8 * estimation_batch_size`` samples per check whatever K; pooling carries each
+            domain's statistics between its probes.
+        update: ``'evidence'`` (default): Algorithm 1's scores relative to the mixture's, shrunk by
+            ``evidence_z`` standard errors, ``step_size`` nats per unit of the mixture's gradient
+            signal (weights move when the statistics say so). ``'paper'``: Algorithm 1 with the
+            explicit constants ``zeta1``/``zeta2``, never recalibrated. ``'kkt'``: conceptual PiKE,
+            the exact minimiser of the descent bound with ``smoothness``, ``beta``, ``gamma`` and the
+            optimizer's current learning rate.
+        step_size: nats of log-weight per check for a domain whose score exceeds the mixture's by
+            the mixture's whole gradient signal (``update='evidence'``).
+        evidence_z: standard errors a score difference must exceed before it moves weights (more
+            while the standard errors rest on few probes: see :func:`composer_pike.weights.evidence_scores`).
+        zeta_ratio: zeta2/zeta1 (``'auto'``: b / (b + B) from the mixture's noise scale B; see
+            :func:`composer_pike.weights.auto_zeta_ratio`). Used by ``'evidence'``, and by ``'kkt'``
+            through ``smoothness='auto'``.
+        zeta1, zeta2: Algorithm 1's step sizes of the G and sigma^2 terms (``update='paper'`` only).
+        smoothness: L of the descent bound for ``'kkt'``; ``'auto'`` gives L eta / beta = zeta_ratio.
+        beta, gamma: the bound's conflict constants for ``'kkt'`` (1 = no conflict, no alignment).
+        pool_decay: weight a domain's earlier probes keep at each new probe (0 = latest probe only).
         score_clip: per-check cap on |log-weight change| (nats).
-        min_weight: floor on every active weight (default 0.05 / K_active).
+        min_weight: floor on every active weight (default ``max(0.05/K, 1/b)``, at most 1/K: at
+            least one sample of every domain per batch).
         max_weight: cap on every weight.
         tau: Balanced-PiKE temperature of the tilted objective (0 = plain PiKE; the paper's best: 3).
         max_epochs_per_domain: optional cap on passes over each domain for the whole run, folded
             into the weight cap (needs ``max_duration`` in ba, sp, tok or ep).
-        conflict_threshold: warn when an estimated cosine between two domains' gradients falls
-            below this (PiKE assumes low gradient conflict).
+        conflict_threshold: warn when the 95% interval of a cosine between two domains' gradients
+            lies below this (PiKE assumes low gradient conflict).
         conflict_sketch_size: coordinates sampled per domain for the conflict monitor (0 = off).
         probe_microbatch_size: per-rank samples per probe forward/backward; default: the trainer's
             device_train_microbatch_size (or the whole per-rank chunk).
@@ -88,11 +114,17 @@ class PiKE(Algorithm):
         check_interval: int = 1000,
         estimation_batch_size: int = 256,
         num_chunks: int = 8,
+        domains_per_check: int | None = None,
+        update: str = 'evidence',
+        step_size: float = 0.5,
+        evidence_z: float = 2.5,
+        zeta_ratio: float | str = 'auto',
         zeta1: float | None = None,
         zeta2: float | None = None,
-        target_step: float = 0.3,
-        zeta_ratio: float = 1.0,
-        calibration: str = 'every_check',
+        smoothness: float | str = 'auto',
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        pool_decay: float = 0.7,
         score_clip: float = 1.0,
         min_weight: float | None = None,
         max_weight: float = 1.0,
@@ -109,15 +141,29 @@ class PiKE(Algorithm):
         if estimation_batch_size < num_chunks or estimation_batch_size % num_chunks:
             raise ValueError(f'estimation_batch_size ({estimation_batch_size}) must be a positive multiple of '
                              f'num_chunks ({num_chunks})')
+        if domains_per_check is not None and domains_per_check < 1:
+            raise ValueError(f'domains_per_check must be >= 1 or None, got {domains_per_check}')
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+        if (zeta1 is None) != (zeta2 is None):
+            raise ValueError('set both zeta1 and zeta2, or neither')
+        if (zeta1 is not None) != (update == 'paper'):
+            raise ValueError("zeta1 and zeta2 are the constants of update='paper', which needs them "
+                             f'(got update={update!r}, zeta1={zeta1}, zeta2={zeta2})')
         for name, value in (('zeta1', zeta1), ('zeta2', zeta2)):
             if value is not None and not value > 0:
                 raise ValueError(f'{name} must be > 0, got {value}')
-        if (zeta1 is None) != (zeta2 is None):
-            raise ValueError('set both zeta1 and zeta2, or neither (then they are calibrated)')
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-        if not target_step > 0 or not zeta_ratio > 0 or not score_clip > 0:
-            raise ValueError('target_step, zeta_ratio and score_clip must be > 0')
+        for name, value in (('zeta_ratio', zeta_ratio), ('smoothness', smoothness)):
+            if value != 'auto' and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be 'auto' or > 0, got {value!r}")
+        for name, value in (('step_size', step_size), ('score_clip', score_clip), ('beta', beta),
+                            ('gamma', gamma)):
+            if not value > 0:
+                raise ValueError(f'{name} must be > 0, got {value}')
+        if not evidence_z >= 0:
+            raise ValueError(f'evidence_z must be >= 0, got {evidence_z}')
+        if not 0 <= pool_decay < 1:
+            raise ValueError(f'pool_decay must be in [0, 1), got {pool_decay}')
         if tau < 0:
             raise ValueError(f'tau must be >= 0, got {tau}')
         if max_epochs_per_domain is not None and not max_epochs_per_domain > 0:
@@ -125,12 +171,17 @@ class PiKE(Algorithm):
         self.check_interval = check_interval
         self.estimation_batch_size = estimation_batch_size
         self.num_chunks = num_chunks
+        self.domains_per_check = domains_per_check
+        self.update = update
+        self.step_size = step_size
+        self.evidence_z = evidence_z
+        self.zeta_ratio = zeta_ratio
         self.zeta1 = zeta1
         self.zeta2 = zeta2
-        self.target_step = target_step
-        self.zeta_ratio = zeta_ratio
-        self.calibration = calibration
-        self._zeta_given = zeta1 is not None
+        self.smoothness = smoothness
+        self.beta = beta
+        self.gamma = gamma
+        self.pool_decay = pool_decay
         self.score_clip = score_clip
         self.min_weight = min_weight
         self.max_weight = max_weight
@@ -140,7 +191,11 @@ class PiKE(Algorithm):
         self.conflict_sketch_size = conflict_sketch_size
         self.probe_microbatch_size = probe_microbatch_size
         self.checks = 0
+        self.probe_samples = 0  # global samples the probe has run forward/backward
         self.mixture: MixtureDataset | None = None
+        self.pooled: PooledStatistics | None = None
+        self._last_probed: np.ndarray | None = None  # check count at each domain's last probe (-1: never)
+        self._loaded: dict[str, Any] | None = None  # state loaded before the mixture was attached
         self._pending: tuple[GradientStatistics, np.ndarray, np.ndarray] | None = None
 
     # ---- Composer wiring ---------------------------------------------------------------------
@@ -163,22 +218,26 @@ class PiKE(Algorithm):
             self._update(state, logger)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            'zeta1': math.nan if self.zeta1 is None else float(self.zeta1),
-            'zeta2': math.nan if self.zeta2 is None else float(self.zeta2),
-            'checks': int(self.checks),
-        }
+        # Per-domain state travels as one JSON string: sharded (DCP) checkpoints load only into
+        # entries that exist before the load, and K is unknown until the mixture is attached.
+        domains = None if self.pooled is None else {
+            'pooled': self.pooled.state_dict(), 'last_probed': self._last_probed.tolist()}
+        return {'checks': int(self.checks), 'probe_samples': int(self.probe_samples),
+                'domains': json.dumps(domains)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.zeta1 = None if math.isnan(state['zeta1']) else float(state['zeta1'])
-        self.zeta2 = None if math.isnan(state['zeta2']) else float(state['zeta2'])
         self.checks = int(state['checks'])
+        self.probe_samples = int(state['probe_samples'])
+        self._loaded = json.loads(state['domains'])
+        if self.mixture is not None:
+            self._restore_domains()
 
     # ---- steps -------------------------------------------------------------------------------
 
     def _attach(self, state: State) -> None:
         self.mixture = find_mixture(state)
-        if self.mixture.num_domains < 2:
+        num_domains = self.mixture.num_domains
+        if num_domains < 2:
             warnings.warn(f'PiKE has nothing to mix: the loader has one domain ({self.mixture.domain_names[0]})')
             return
         world_size = dist.get_world_size()
@@ -186,6 +245,16 @@ class PiKE(Algorithm):
         if chunk % world_size:
             raise ValueError(f'estimation_batch_size / num_chunks = {chunk} samples per chunk must be divisible '
                              f'by the world size {world_size}')
+        self.pooled = PooledStatistics(num_domains, decay=self.pool_decay)
+        self._last_probed = np.full(num_domains, -1.0)
+        self._restore_domains()
+
+    def _restore_domains(self) -> None:
+        if self._loaded is None or self.pooled is None:
+            return
+        self.pooled.load_state_dict(self._loaded['pooled'])
+        self._last_probed = np.asarray(self._loaded['last_probed'], dtype=np.float64)
+        self._loaded = None
 
     @property
     def log_weights(self) -> np.ndarray:
@@ -194,21 +263,28 @@ class PiKE(Algorithm):
         with np.errstate(divide='ignore'):
             return np.log(self.mixture.planner.schedule[-1][1])
 
+    def domains_to_probe(self) -> np.ndarray:
+        """Active domains this check probes: the ``domains_per_check`` least recently probed (ties: index)."""
+        assert self.mixture is not None and self._last_probed is not None
+        active = np.flatnonzero(self.mixture.planner.active)
+        budget = self.domains_per_check or MAX_DOMAINS_PER_CHECK
+        order = np.lexsort((active, self._last_probed[active]))
+        return np.sort(active[order[:budget]])
+
     def _probe(self, state: State) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
         """Run the probe without consuming the global RNG (dropout), so training is unchanged."""
         device = state.device._device
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == 'cuda' else []
         with torch.random.fork_rng(devices=devices):
-            return self._probe_passes(state)
+            return self._probe_passes(state, self.domains_to_probe())
 
-    def _probe_passes(self, state: State) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
-        """Chunk forward/backward passes for every active domain; returns statistics and probe losses."""
+    def _probe_passes(self, state: State, domains: np.ndarray) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
+        """Chunk forward/backward passes for ``domains``; returns statistics, the domains and probe losses."""
         mixture = self.mixture
         assert mixture is not None
         model = state.model
         loss_owner = model.module if isinstance(model, DistributedDataParallel) else model
-        active = np.flatnonzero(mixture.planner.active)
         rank, world_size = dist.get_global_rank(), dist.get_world_size()
         chunk_size = self.estimation_batch_size // self.num_chunks
         rank_chunk = chunk_size // world_size
@@ -216,10 +292,10 @@ class PiKE(Algorithm):
         loss_scale = 1.0 / gradient_sum_factor(model)
         params = [p for p in model.parameters() if p.requires_grad]
         accumulator = GradientStatsAccumulator(
-            params, len(active), chunk_size=chunk_size, conflict_sketch_size=self.conflict_sketch_size,
+            params, len(domains), chunk_size=chunk_size, conflict_sketch_size=self.conflict_sketch_size,
             seed=int(state.timestamp.batch), layout=gradient_layout(model))
-        loss_sums = torch.zeros(len(active), dtype=torch.float64)
-        for slot, domain in enumerate(active):
+        loss_sums = torch.zeros(len(domains), dtype=torch.float64)
+        for slot, domain in enumerate(domains):
             batch = mixture.probe_batch(int(domain), self.estimation_batch_size, self.num_chunks, rank, world_size)
             batch = state.device.batch_to_device(batch)
             accumulator.begin_domain(slot)
@@ -243,51 +319,108 @@ class PiKE(Algorithm):
             probe_losses = probe_losses.to(state.device._device)
             dist.all_reduce(probe_losses)
             probe_losses = probe_losses.cpu() / world_size
-        return statistics, active, probe_losses.numpy()
+        return statistics, domains, probe_losses.numpy()
 
     def _update(self, state: State, logger: Logger) -> None:
-        """One PiKE step from the pending probe; schedule the weights and log everything."""
-        mixture = self.mixture
-        assert mixture is not None and self._pending is not None
-        statistics, active, probe_losses = self._pending
+        """Pool the pending probe, take one update step, schedule the weights and log everything."""
+        mixture, pooled = self.mixture, self.pooled
+        assert mixture is not None and pooled is not None and self._pending is not None
+        statistics, probed, probe_losses = self._pending
         self._pending = None
-        num_domains = mixture.num_domains
-        grad_sq = np.full(num_domains, np.nan)
-        variance = np.full(num_domains, np.nan)
-        losses = np.full(num_domains, np.nan)
-        grad_sq[active] = statistics.grad_sq_norms.numpy()
-        variance[active] = statistics.per_sample_variances.numpy()
-        losses[active] = probe_losses
-        mask = mixture.planner.active
-        batch_size = mixture.planner.global_batch_size
-        loss_weights = None
-        if self.tau > 0:
-            loss_weights = np.zeros(num_domains)
-            # a non-finite probe loss is reported by pike_update's skip logic, not raised here
-            loss_weights[active] = balanced_coefficients(probe_losses, self.tau) \
-                if np.all(np.isfinite(probe_losses)) else np.nan
-        if not self._zeta_given and (self.zeta1 is None or self.calibration == 'every_check'):
-            try:
-                self.zeta1, self.zeta2 = calibrate_zeta(
-                    np.where(mask, grad_sq, 0.0), np.where(mask, variance, 0.0), batch_size=batch_size,
-                    target_step=self.target_step, zeta_ratio=self.zeta_ratio, loss_weights=loss_weights)
-            except ValueError as error:
-                log.warning('PiKE: skipping the check at batch %d: %s', int(state.timestamp.batch) - 1, error)
-                self._log(logger, statistics, active, grad_sq, variance, losses,
-                          mixture.weights_at(mixture.planner.schedule[-1][0]), skipped=True)
-                return
-        result = pike_update(
-            self.log_weights, np.where(mask, grad_sq, 0.0), np.where(mask, variance, 0.0),
-            zeta1=self.zeta1, zeta2=self.zeta2, batch_size=batch_size, loss_weights=loss_weights, active=mask,
-            score_clip=self.score_clip, min_weight=self.min_weight, max_weight=self._weight_cap(state))
+        grad, variance = statistics.grad_sq_norms.numpy(), statistics.per_sample_variances.numpy()
+        chunk_norms = statistics.chunk_grad_sq_norms.numpy()
+        finite = np.isfinite(grad) & np.isfinite(variance) & np.isfinite(probe_losses) & np.isfinite(
+            chunk_norms).all(axis=1)
+        probe_se = (np.full(len(probed), np.nan), np.full(len(probed), np.nan))
+        if finite.any():  # a non-finite probe is never pooled: it would poison every later check
+            grad_se, variance_se = pooled.update(
+                probed[finite], grad[finite], variance[finite], chunk_norms[finite], probe_losses[finite],
+                num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size)
+            probe_se[0][finite], probe_se[1][finite] = grad_se, variance_se
+        self._last_probed[probed] = self.checks
         self.checks += 1
+        self.probe_samples += len(probed) * self.estimation_batch_size
+        mask = mixture.planner.active
+        if finite.all():
+            result, extra = self._step(state, mask)
+        else:
+            bad = [mixture.domain_names[k] for k in probed[~finite]]
+            result, extra = self._skip(state, mask, f'non-finite statistics or probe loss for {bad} in this probe'), {}
         after_step = int(state.timestamp.batch) - 1
         if result.skipped:
             log.warning('PiKE: skipping the update after batch %d: %s', after_step, result.reason)
         else:
             effective = mixture.set_weights(result.weights, after_step=after_step)
             logger.log_metrics({'pike/effective_step': effective})
-        self._log(logger, statistics, active, grad_sq, variance, losses, result.weights, result.skipped)
+        self._log(logger, statistics, probed, probe_losses, probe_se, result, extra)
+
+    def _step(self, state: State, mask: np.ndarray) -> tuple[PikeStep, dict[str, Any]]:
+        """New weights from the pooled statistics by the selected ``update`` rule."""
+        mixture, pooled = self.mixture, self.pooled
+        assert mixture is not None and pooled is not None
+        batch_size = mixture.planner.global_batch_size
+        current = self.log_weights
+        floor = self._floor(mask)
+        cap = self._weight_cap(state)
+        grad = np.where(mask, pooled.grad_sq_norms, 0.0)
+        variance = np.where(mask, pooled.per_sample_variances, 0.0)
+        unseen = np.flatnonzero(mask & ~pooled.seen)
+        if unseen.size:
+            names = [mixture.domain_names[k] for k in unseen]
+            return self._skip(state, mask, f'domains {names} have not been probed yet'), {}
+        with np.errstate(divide='ignore'):
+            weights = np.exp(current)
+        rho = auto_zeta_ratio(grad, variance, weights, batch_size=batch_size) if self.zeta_ratio == 'auto' \
+            else float(self.zeta_ratio)
+        extra: dict[str, Any] = {'zeta_ratio': rho}
+        loss_weights = None
+        if self.tau > 0:  # pooled losses are finite: non-finite probes are never pooled
+            loss_weights = balanced_coefficients(np.where(mask, pooled.losses, 0.0), self.tau, active=mask)
+        if self.update == 'paper':
+            return pike_update(current, grad, variance, zeta1=self.zeta1, zeta2=self.zeta2, batch_size=batch_size,
+                               loss_weights=loss_weights, active=mask, score_clip=self.score_clip,
+                               min_weight=floor, max_weight=cap), extra
+        if self.update == 'kkt':
+            return self._kkt_step(state, grad, variance, weights, mask, floor, cap, rho), extra
+        evidence = evidence_scores(
+            grad, variance, np.where(mask, pooled.grad_sq_var, 0.0), np.where(mask, pooled.variance_var, 0.0),
+            np.where(mask, pooled.covariance, 0.0), weights, batch_size=batch_size, zeta_ratio=rho,
+            step_size=self.step_size, evidence_z=self.evidence_z,
+            degrees_of_freedom=float(pooled.degrees_of_freedom[mask].min()), loss_weights=loss_weights, active=mask)
+        extra.update(advantage=evidence.advantage, advantage_se=evidence.advantage_se, critical_z=evidence.critical)
+        return apply_scores(current, evidence.scores, active=mask, score_clip=self.score_clip, min_weight=floor,
+                            max_weight=cap, reason=evidence.reason), extra
+
+    def _kkt_step(self, state: State, grad: np.ndarray, variance: np.ndarray, weights: np.ndarray,
+                  mask: np.ndarray, floor: float, cap: float | np.ndarray, rho: float) -> PikeStep:
+        """Conceptual PiKE: the bound's exact minimiser at the current learning rate, floored and capped."""
+        lr = float(state.optimizers[0].param_groups[0]['lr'])
+        if not lr > 0:
+            return self._skip(state, mask, f'no step at learning rate {lr}')
+        smoothness = rho * self.beta / lr if self.smoothness == 'auto' else float(self.smoothness)
+        if not smoothness > 0:
+            return self._skip(state, mask, 'no positive gradient to follow (smoothness 0)')
+        optimum = kkt_weights(grad, variance, lr=lr, batch_size=self.mixture.planner.global_batch_size,
+                              smoothness=smoothness, beta=self.beta, gamma=self.gamma, previous=weights, active=mask)
+        cap_vector = np.broadcast_to(np.asarray(cap, dtype=np.float64), optimum.shape)
+        projected = project_to_bounds(optimum, np.minimum(floor, cap_vector), cap_vector, active=mask)
+        with np.errstate(divide='ignore'):
+            log_weights = np.where(mask, np.log(projected), -np.inf)
+        with np.errstate(invalid='ignore'):
+            change = np.where(mask, log_weights - self.log_weights, 0.0)
+        return PikeStep(log_weights, projected, change, False, '')
+
+    def _skip(self, state: State, mask: np.ndarray, reason: str) -> PikeStep:
+        """No update: the current weights, only renormalised and projected."""
+        current = self.log_weights
+        return apply_scores(current, np.zeros(current.size), active=mask, score_clip=self.score_clip,
+                            min_weight=self._floor(mask), max_weight=self._weight_cap(state), reason=reason)
+
+    def _floor(self, mask: np.ndarray) -> float:
+        """``min_weight``, by default one sample per batch (see :func:`default_min_weight`)."""
+        if self.min_weight is not None:
+            return self.min_weight
+        return default_min_weight(int(np.count_nonzero(mask)), self.mixture.planner.global_batch_size)
 
     def _weight_cap(self, state: State) -> float | np.ndarray:
         """``max_weight``, tightened per domain by ``max_epochs_per_domain`` when set."""
@@ -301,42 +434,79 @@ class PiKE(Algorithm):
                                       samples_consumed=consumed)
         return np.minimum(caps, self.max_weight)
 
-    def _log(self, logger: Logger, statistics: GradientStatistics, active: np.ndarray, grad_sq: np.ndarray,
-             variance: np.ndarray, losses: np.ndarray, weights: np.ndarray, skipped: bool) -> None:
-        mixture = self.mixture
-        assert mixture is not None
+    def _log(self, logger: Logger, statistics: GradientStatistics, probed: np.ndarray, probe_losses: np.ndarray,
+             probe_se: tuple[np.ndarray, np.ndarray], result: PikeStep, extra: dict[str, Any]) -> None:
+        mixture, pooled = self.mixture, self.pooled
+        assert mixture is not None and pooled is not None
         names = mixture.domain_names
         counts = mixture.counts_at(mixture.planner.schedule[-1][0])
         epochs = mixture.domain_epochs()
-        metrics: dict[str, float] = {'pike/zeta1': math.nan if self.zeta1 is None else float(self.zeta1),
-                                     'pike/zeta2': math.nan if self.zeta2 is None else float(self.zeta2),
-                                     'pike/skipped': float(skipped), 'pike/checks': float(self.checks)}
+        metrics: dict[str, float] = {'pike/skipped': float(result.skipped), 'pike/checks': float(self.checks),
+                                     'pike/probe_samples': float(self.probe_samples),
+                                     'pike/probed_domains': float(len(probed))}
+        for key in ('zeta_ratio', 'critical_z'):
+            if key in extra:
+                metrics[f'pike/{key}'] = float(extra[key])
+        if self.update == 'paper':
+            metrics.update({'pike/zeta1': float(self.zeta1), 'pike/zeta2': float(self.zeta2)})
         for k, name in enumerate(names):
-            metrics[f'pike/weight/{name}'] = float(weights[k])
+            metrics[f'pike/weight/{name}'] = float(result.weights[k])
             metrics[f'pike/batch_count/{name}'] = float(counts[k])
             metrics[f'pike/epochs/{name}'] = float(epochs[k])
-        noise_scale = statistics.noise_scale().numpy()
-        for j, k in enumerate(active):
+            metrics[f'pike/score/{name}'] = float(result.scores[k])
+        grad_se, variance_se = probe_se
+        for j, k in enumerate(probed):
             name = names[k]
-            metrics[f'pike/grad_sq_norm/{name}'] = float(grad_sq[k])
-            metrics[f'pike/variance/{name}'] = float(variance[k])
-            metrics[f'pike/probe_loss/{name}'] = float(losses[k])
-            metrics[f'pike/noise_scale/{name}'] = float(noise_scale[j])
-        if statistics.cosines is not None:
-            cosines = statistics.cosines.numpy()
-            lowest = np.inf
-            for i in range(len(active)):
-                for j in range(i + 1, len(active)):
-                    a, b = names[active[i]], names[active[j]]
-                    metrics[f'pike/cosine/{a}/{b}'] = float(cosines[i, j])
-                    if np.isfinite(cosines[i, j]) and cosines[i, j] < lowest:
-                        lowest = float(cosines[i, j])
-                    if cosines[i, j] < self.conflict_threshold:
-                        log.warning("PiKE: gradients of '%s' and '%s' conflict (cosine %.3f < %.3f); PiKE assumes "
-                                    'low conflict', a, b, cosines[i, j], self.conflict_threshold)
-            if np.isfinite(lowest):
-                metrics['pike/min_cosine'] = lowest
+            metrics[f'pike/grad_sq_norm/{name}'] = float(statistics.grad_sq_norms[j])
+            metrics[f'pike/grad_sq_norm_se/{name}'] = float(grad_se[j])
+            metrics[f'pike/variance/{name}'] = float(statistics.per_sample_variances[j])
+            metrics[f'pike/variance_se/{name}'] = float(variance_se[j])
+            metrics[f'pike/probe_loss/{name}'] = float(probe_losses[j])
+        grad, variance = pooled.grad_sq_norms, pooled.per_sample_variances
+        pooled_values = {'grad_sq_norm': grad, 'grad_sq_norm_se': np.sqrt(pooled.grad_sq_var),
+                         'variance': variance, 'variance_se': np.sqrt(pooled.variance_var),
+                         'samples': pooled.effective_samples, 'probe_loss': pooled.losses}
+        with np.errstate(divide='ignore', invalid='ignore'):
+            noise_scale = np.where(grad > 0, variance / grad, np.nan)
+            noise_dim = np.where(pooled.noise_shape > 0, 1.0 / pooled.noise_shape, np.nan)
+        for k in np.flatnonzero(pooled.seen):
+            name = names[k]
+            for kind, values in pooled_values.items():
+                metrics[f'pike/pooled/{kind}/{name}'] = float(values[k])
+            metrics[f'pike/noise_scale/{name}'] = float(noise_scale[k])
+            metrics[f'pike/noise_dim/{name}'] = float(noise_dim[k])
+            if 'advantage' in extra:
+                metrics[f'pike/advantage/{name}'] = float(extra['advantage'][k])
+                metrics[f'pike/advantage_se/{name}'] = float(extra['advantage_se'][k])
+        if statistics.inner_products is not None and len(probed) > 1:
+            metrics.update(self._conflicts(statistics, probed))
         logger.log_metrics(metrics)
+
+    def _conflicts(self, statistics: GradientStatistics, probed: np.ndarray) -> dict[str, float]:
+        """Pairwise gradient cosines with standard errors; warns when an interval lies below the threshold."""
+        mixture, pooled = self.mixture, self.pooled
+        assert mixture is not None and pooled is not None
+        cosines, se = cosine_intervals(
+            statistics.inner_products.numpy(), statistics.inner_product_sketch_var.numpy(),
+            pooled.grad_sq_norms[probed], pooled.grad_sq_var[probed], pooled.per_sample_variances[probed],
+            pooled.noise_shape[probed], num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size)
+        metrics: dict[str, float] = {}
+        lowest = math.inf
+        for i in range(len(probed)):
+            for j in range(i + 1, len(probed)):
+                a, b = mixture.domain_names[probed[i]], mixture.domain_names[probed[j]]
+                metrics[f'pike/cosine/{a}/{b}'] = float(cosines[i, j])
+                metrics[f'pike/cosine_se/{a}/{b}'] = float(se[i, j])
+                if np.isfinite(cosines[i, j]):
+                    lowest = min(lowest, float(cosines[i, j]))
+                upper = cosines[i, j] + CONFLICT_Z * se[i, j]
+                if upper < self.conflict_threshold:
+                    log.warning("PiKE: gradients of '%s' and '%s' conflict (cosine %.3f +- %.3f, 95%% interval "
+                                'below %.3f); PiKE assumes low conflict', a, b, cosines[i, j], CONFLICT_Z * se[i, j],
+                                self.conflict_threshold)
+        if math.isfinite(lowest):
+            metrics['pike/min_cosine'] = lowest
+        return metrics
 
 
 def _device_microbatch(state: State) -> int | None:

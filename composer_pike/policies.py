@@ -6,12 +6,13 @@ steers the weights during training. Selected by name (``mixing.policy`` in YAML)
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-POLICIES = ('pike', 'balanced_pike', 'mix', 'fixed', 'temperature', 'random', 'round_robin')
+POLICIES = ('pike', 'balanced_pike', 'pike_kkt', 'mix', 'fixed', 'temperature', 'random', 'round_robin')
+ADAPTIVE = {'pike': (0.0, None), 'balanced_pike': (None, None), 'pike_kkt': (0.0, 'kkt')}  # tau, update rule
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class PolicyPlan:
     batching: str
     adaptive: bool
     tau: float = 0.0
+    update: str | None = None  # the PiKE update rule the policy requires (None: mixing.pike.update)
 
 
 def check_policy(name: str) -> None:
@@ -68,7 +70,7 @@ def plan_policy(
     """Resolve a policy name to loader settings.
 
     ``weights`` are required for ``fixed`` and act as the prior (initial weights) for ``pike``,
-    ``balanced_pike``, ``random`` and ``mix`` (uniform when omitted).
+    ``balanced_pike``, ``pike_kkt``, ``random`` and ``mix`` (uniform when omitted).
     """
     check_policy(name)
     uniform = np.full(len(domain_names), 1.0 / len(domain_names))
@@ -82,6 +84,16 @@ def plan_policy(
         return PolicyPlan(initial, 'random', adaptive=False)
     if name == 'round_robin':
         return PolicyPlan(uniform, 'round_robin', adaptive=False)
-    if name in ('pike', 'balanced_pike'):
-        return PolicyPlan(initial, 'mix', adaptive=True, tau=tau if name == 'balanced_pike' else 0.0)
+    if name in ADAPTIVE:
+        return replace(policy_adaptation(name, tau=tau), weights=initial)
     return PolicyPlan(initial, 'mix', adaptive=False)
+
+
+def policy_adaptation(name: str, *, tau: float) -> PolicyPlan:
+    """How an adaptive policy runs PiKE (tau, update rule), with uniform placeholder weights;
+    ``adaptive=False`` for the static policies."""
+    check_policy(name)
+    if name not in ADAPTIVE:
+        return PolicyPlan(np.empty(0), 'mix', adaptive=False)
+    fixed_tau, update = ADAPTIVE[name]
+    return PolicyPlan(np.empty(0), 'mix', adaptive=True, tau=tau if fixed_tau is None else fixed_tau, update=update)

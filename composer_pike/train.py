@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 from torch.utils.data import IterableDataset
 
-from composer_pike.policies import check_policy, named_weights
+from composer_pike.policies import check_policy, named_weights, policy_adaptation
 
 
 @dataclass
@@ -44,15 +44,21 @@ class DataConfig:
 @dataclass
 class PiKEConfig:
     check_interval: int = 100
-    estimation_batch_size: int = 64
+    estimation_batch_size: int = 64      # probe samples per probed domain per check
     num_chunks: int = 8
-    zeta1: Optional[float] = None
-    zeta2: Optional[float] = None
-    target_step: float = 0.3
-    zeta_ratio: float = 1.0
-    calibration: str = 'every_check'     # every_check | first_check (when zeta1/zeta2 are not set)
+    domains_per_check: Optional[int] = None  # None: all domains up to 8, else 8 in rotation
+    update: str = 'evidence'             # evidence | paper (explicit zeta1/zeta2) | kkt (mixing.policy=pike_kkt)
+    step_size: float = 0.5               # nats per check per unit of the mixture's gradient signal (evidence)
+    evidence_z: float = 2.5              # standard errors a score difference must exceed (evidence)
+    zeta_ratio: Any = 'auto'             # zeta2/zeta1: 'auto' = b / (b + noise scale), or a number
+    zeta1: Optional[float] = None        # update=paper only
+    zeta2: Optional[float] = None        # update=paper only
+    smoothness: Any = 'auto'             # L of the descent bound (kkt): 'auto' or a number
+    beta: float = 1.0                    # kkt
+    gamma: float = 1.0                   # kkt
+    pool_decay: float = 0.7              # weight of a domain's earlier probes at each new probe
     score_clip: float = 1.0
-    min_weight: Optional[float] = None
+    min_weight: Optional[float] = None   # default max(0.05/K, 1/b): one sample per batch
     max_weight: float = 1.0
     max_epochs_per_domain: Optional[float] = None
     conflict_threshold: float = -0.2
@@ -62,7 +68,7 @@ class PiKEConfig:
 
 @dataclass
 class MixingConfig:
-    policy: str = 'pike'                 # pike | balanced_pike | mix | fixed | temperature | random | round_robin
+    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | mix | fixed | temperature | random | round_robin
     weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for pike/balanced_pike/mix/random
     preset: Optional[str] = None         # a name in `presets`: its weights become `weights`
     presets: dict[str, Optional[dict[str, float]]] = field(default_factory=dict)  # named weight sets; ??? = unset
@@ -192,7 +198,7 @@ def validate(config: DictConfig) -> None:
     import composer.loggers
     from composer.core import Precision, Time
 
-    from composer_pike.algorithm import CALIBRATIONS, PiKE
+    from composer_pike.algorithm import UPDATES, PiKE
 
     try:
         check_policy(config.mixing.policy)
@@ -205,7 +211,7 @@ def validate(config: DictConfig) -> None:
         raise ConfigError(f"config key 'data.download_timeout': must be positive seconds, "
                           f"got {config.data.download_timeout}")
     _choice('model.family', config.model.family, ('gpt2', 'llama'))
-    _choice('mixing.pike.calibration', config.mixing.pike.calibration, CALIBRATIONS)
+    _choice('mixing.pike.update', config.mixing.pike['update'], UPDATES)  # .update is DictConfig's method
     _choice('trainer.precision', config.trainer.precision, [p.value for p in Precision])
     _choice('trainer.device', config.trainer.device, (None, 'cpu', 'gpu'))
     for key in DURATION_KEYS:
@@ -225,7 +231,7 @@ def validate(config: DictConfig) -> None:
         except ValueError as error:
             raise ConfigError(f"config key 'mixing.weights': {error}") from None
     try:
-        PiKE(tau=config.mixing.tau, **OmegaConf.to_container(config.mixing.pike))
+        PiKE(**pike_options(config.mixing))
     except ValueError as error:
         raise ConfigError(f"config key 'mixing.pike': {error}") from None
     parallelism_config(config.trainer.fsdp)
@@ -238,6 +244,15 @@ def validate(config: DictConfig) -> None:
                                       f"{OPTIONAL_LOGGERS[name][0]}{_closest(option, accepted)}")
     if config.trainer.autoresume and not config.trainer.save_folder:
         raise ConfigError("config key 'trainer.autoresume': needs trainer.save_folder (a local path or s3://...)")
+
+
+def pike_options(mixing: DictConfig) -> dict[str, Any]:
+    """The PiKE constructor's arguments for ``mixing``: ``mixing.pike``, the policy's tau and update rule."""
+    plan = policy_adaptation(mixing.policy, tau=mixing.tau)
+    options = OmegaConf.to_container(mixing.pike)
+    if plan.update and options['update'] not in ('evidence', plan.update):
+        raise ValueError(f"mixing.policy={mixing.policy} uses update={plan.update}, got update={options['update']}")
+    return {**options, 'tau': plan.tau, 'update': plan.update or options['update']}
 
 
 def _resolve_preset(mixing: DictConfig) -> None:
@@ -464,7 +479,7 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
                         tokenizer['pad_token_id'])
     algorithms: list[Any] = []
     if plan.adaptive:
-        algorithms.append(PiKE(tau=plan.tau, **OmegaConf.to_container(mixing.pike)))
+        algorithms.append(PiKE(**pike_options(mixing)))
     if config.optimizer.clip_norm:
         algorithms.append(GradientClipping(clipping_type='norm', clipping_threshold=config.optimizer.clip_norm))
     optimizer = DecoupledAdamW(model.parameters(), lr=config.optimizer.lr, betas=tuple(config.optimizer.betas),

@@ -13,8 +13,12 @@ training batch size in samples, ``eta`` the learning rate, ``L`` the smoothness 
   renormalise over active domains and project onto per-domain floor/cap bounds
   (:func:`pike_update`); ``y = 1`` for PiKE, ``y = K*softmax(tau*L_k)`` for Balanced-PiKE (s.6).
 * Full mirror-descent score (s.5) for checking the ``gamma = 0`` reduction to Algorithm 1.
-* Scale-free ``zeta`` calibration (s.5 [C]), epoch caps from dataset sizes, and
-  largest-remainder apportionment of a batch into integer per-domain counts (s.8).
+* The evidence-driven update (s.9, the default): Algorithm 1's scores relative to the mixture's,
+  shrunk by their standard errors, in units of the mixture's gradient signal
+  (:func:`evidence_scores`), with ``zeta2/zeta1`` from the noise scale (:func:`auto_zeta_ratio`)
+  and a floor of one sample per batch (:func:`default_min_weight`).
+* Epoch caps from dataset sizes, and largest-remainder apportionment of a batch into integer
+  per-domain counts (s.8).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 
 FloatArray = NDArray[np.float64]
 
-_DEFAULT_FLOOR_MASS = 0.05  # default min_weight is this total mass spread over active domains (s.8)
+_DEFAULT_FLOOR_MASS = 0.05  # the default floor is at least this total mass spread over active domains (s.8)
 _FEASIBILITY_TOL = 1e-12  # slack on sum(lower) <= 1 <= sum(upper)
 
 
@@ -241,44 +245,6 @@ def pike_scores(
     return zeta1 * grad - zeta2 * variance / (2.0 * batch_size)
 
 
-def calibrate_zeta(
-    grad_sq_norms: ArrayLike,
-    per_sample_variances: ArrayLike,
-    *,
-    batch_size: float,
-    target_step: float = 0.3,
-    zeta_ratio: float = 1.0,
-    loss_weights: ArrayLike | None = None,
-    active: ArrayLike | None = None,
-) -> tuple[float, float]:
-    """Scale-free ``(zeta1, zeta2)`` (s.5 [C]): ``zeta2 = zeta_ratio*zeta1`` and the largest
-    absolute score over active domains equals ``target_step`` nats.
-
-    Raw ``G_k`` scales with the model and loss, so fixed zetas do not transfer; this fixes the
-    size of the first update instead. Raises ValueError if the scores are all zero or non-finite.
-    """
-    target_step = _positive("target_step", target_step)
-    zeta_ratio = _non_negative("zeta_ratio", zeta_ratio)
-    unit_scores = pike_scores(
-        grad_sq_norms,
-        per_sample_variances,
-        zeta1=1.0,
-        zeta2=zeta_ratio,
-        batch_size=batch_size,
-        loss_weights=loss_weights,
-    )
-    active_scores = unit_scores[_active_mask(active, unit_scores.size)]
-    largest = float(np.max(np.abs(active_scores)))
-    if not (np.isfinite(largest) and largest > 0):
-        raise ValueError(
-            "cannot calibrate zeta: the PiKE scores at zeta1=1 are "
-            f"{'all zero' if largest == 0 else 'non-finite'} over the active domains "
-            f"(max |score| = {largest}); pass zeta1/zeta2 explicitly or re-estimate the statistics"
-        )
-    zeta1 = target_step / largest
-    return zeta1, zeta_ratio * zeta1
-
-
 def mirror_descent_scores(
     grad_sq_norms: ArrayLike,
     per_sample_variances: ArrayLike,
@@ -422,10 +388,8 @@ def pike_update(
 ) -> PikeStep:
     """One PiKE check in log space (Algorithm 1, s.5; numerics s.8).
 
-    ``log w += clip(pike_scores, +-score_clip)``; renormalise by logsumexp over active domains;
-    project onto ``[min(min_weight, max_weight), max_weight]`` (``min_weight`` defaults to
-    ``0.05/K_active``; a cap below the floor wins, since caps encode data availability); store
-    the log of the projected weights. The update is multiplicative and cumulative.
+    ``log w += clip(pike_scores, +-score_clip)`` through :func:`apply_scores` (``min_weight`` defaults
+    to :func:`default_min_weight`). The update is multiplicative and cumulative.
 
     A non-finite statistic on an active domain, or all-zero statistics, skips the update
     (scores 0, ``skipped=True``, ``reason`` set); the weights are then only renormalised and
@@ -436,13 +400,6 @@ def pike_update(
     _same_shape("log_weights", current, grad_sq_norms=grad)
     num_domains = current.size
     mask = _active_mask(active, num_domains)
-    if np.isnan(current[mask]).any() or np.isposinf(current[mask]).any():
-        raise ValueError("log_weights of active domains must not be NaN or +inf")
-    if np.isneginf(current[mask]).all():
-        raise ValueError("every active domain has log weight -inf; there is no mass to renormalise")
-    score_clip = float(score_clip)
-    if not score_clip > 0:
-        raise ValueError(f"score_clip must be > 0, got {score_clip!r}")
     coefficients = None if loss_weights is None else _vector("loss_weights", loss_weights)
     if coefficients is not None:
         _same_shape("log_weights", current, loss_weights=coefficients)
@@ -457,22 +414,56 @@ def pike_update(
             loss_weights=None if coefficients is None else np.where(mask, coefficients, 0.0),
         )
     reason = _skip_reason(grad, variance, coefficients, raw, mask)
-    scores = np.zeros(num_domains)
-    if not reason:
-        scores[mask] = np.clip(raw[mask], -score_clip, score_clip)
+    if min_weight is None:
+        min_weight = default_min_weight(int(np.count_nonzero(mask)), batch_size)
+    return apply_scores(current, np.zeros(num_domains) if reason else raw, active=mask, score_clip=score_clip,
+                        min_weight=min_weight, max_weight=max_weight, reason=reason)
 
-    shifted = current[mask] + scores[mask]
+
+def apply_scores(
+    log_weights: ArrayLike,
+    scores: ArrayLike,
+    *,
+    active: ArrayLike | None = None,
+    score_clip: float = 1.0,
+    min_weight: ArrayLike,
+    max_weight: ArrayLike = 1.0,
+    reason: str = "",
+) -> PikeStep:
+    """Add log-weight increments and return the new weights (s.8): ``log w += clip(scores, +-score_clip)``,
+    renormalise by logsumexp over active domains, project onto ``[min(min_weight, max_weight), max_weight]``
+    (a cap below the floor wins, since caps encode data availability) and store the log of the projection.
+
+    ``reason`` marks a skipped check (its scores must be 0): the weights are then only renormalised and
+    projected, which leaves weights that already satisfy the bounds unchanged.
+    """
+    current = _vector("log_weights", log_weights)
+    increments = _vector("scores", scores)
+    _same_shape("log_weights", current, scores=increments)
+    num_domains = current.size
+    mask = _active_mask(active, num_domains)
+    if np.isnan(current[mask]).any() or np.isposinf(current[mask]).any():
+        raise ValueError("log_weights of active domains must not be NaN or +inf")
+    if np.isneginf(current[mask]).all():
+        raise ValueError("every active domain has log weight -inf; there is no mass to renormalise")
+    score_clip = float(score_clip)
+    if not score_clip > 0:
+        raise ValueError(f"score_clip must be > 0, got {score_clip!r}")
+    _require_finite("scores", increments[mask])
+    clipped = np.zeros(num_domains)
+    clipped[mask] = np.clip(increments[mask], -score_clip, score_clip)
+
+    shifted = current[mask] + clipped[mask]
     unnormalised = np.exp(shifted - shifted.max())
     normalised = np.zeros(num_domains)
     normalised[mask] = unnormalised / unnormalised.sum()  # logsumexp renormalisation
 
     cap = _per_domain("max_weight", max_weight, num_domains)
-    floor_value = _DEFAULT_FLOOR_MASS / np.count_nonzero(mask) if min_weight is None else min_weight
-    floor = np.minimum(_per_domain("min_weight", floor_value, num_domains), cap)
+    floor = np.minimum(_per_domain("min_weight", min_weight, num_domains), cap)
     weights = project_to_bounds(normalised, floor, cap, active=mask)
     with np.errstate(divide="ignore"):
         new_log_weights = np.where(mask, np.log(weights), -np.inf)
-    return PikeStep(new_log_weights, weights, scores, bool(reason), reason)
+    return PikeStep(new_log_weights, weights, clipped, bool(reason), reason)
 
 
 def _skip_reason(
@@ -494,6 +485,142 @@ def _skip_reason(
     if not (grad[mask].any() or variance[mask].any()):
         return "all gradient statistics are zero on the active domains"
     return ""
+
+
+# --------------------------------------------------------------------------- evidence-driven update (s.9)
+
+
+def default_min_weight(num_active: int, batch_size: float) -> float:
+    """Default floor per active domain: ``max(0.05/K, 1/b)``, at most ``1/K``.
+
+    ``1/b`` keeps at least one sample of every active domain in every batch of ``b`` samples, which is
+    what Mix means (0.05/K alone is 0.4 samples at b = 48, K = 6); ``1/K`` keeps the floors feasible when
+    there are more domains than batch slots.
+    """
+    if num_active < 1:
+        raise ValueError(f"num_active must be >= 1, got {num_active}")
+    batch_size = _positive("batch_size", batch_size)
+    return min(1.0 / num_active, max(_DEFAULT_FLOOR_MASS / num_active, 1.0 / batch_size))
+
+
+def auto_zeta_ratio(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    weights: ArrayLike,
+    *,
+    batch_size: float,
+) -> float:
+    """``zeta2/zeta1 = b / (b + B)``, B = sum_k w_k sigma_k^2 / sum_k w_k G_k the mixture's noise scale.
+
+    In the mirror-descent form zeta2/zeta1 = L eta / beta (s.5). A learning rate tuned near the
+    large-batch optimum of McCandlish et al. (2018) satisfies ``L eta ~ 1 / (1 + B/b)``: so, with
+    beta = 1, a domain's score changes sign at noise scale ``2 (b + B)``, twice the batch plus the
+    mixture's own noise scale, instead of the fixed ``2b`` of zeta_ratio = 1. Statistics are clamped at 0;
+    with no positive G the ratio is 0 (nothing to trade the variance against).
+    """
+    grad, variance = _statistics(grad_sq_norms, per_sample_variances)
+    mix = _vector("weights", weights)
+    _same_shape("grad_sq_norms", grad, weights=mix)
+    batch_size = _positive("batch_size", batch_size)
+    signal = batch_size * float(np.sum(mix * np.maximum(grad, 0.0)))
+    noise = float(np.sum(mix * np.maximum(variance, 0.0)))
+    return signal / (signal + noise) if signal > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EvidenceScores:
+    """Result of :func:`evidence_scores`, per domain (0 on inactive domains).
+
+    ``advantage`` is the domain's descent score relative to the mixture's, in units of the mixture's
+    gradient signal; ``advantage_se`` its standard error; ``critical`` the standard errors an advantage
+    had to exceed; ``scores`` the log-weight increments (nats) after shrinkage; ``reason`` says why there
+    is no update ("" otherwise).
+    """
+
+    scores: FloatArray
+    advantage: FloatArray
+    advantage_se: FloatArray
+    critical: float
+    reason: str
+
+
+def evidence_scores(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    grad_sq_var: ArrayLike,
+    variance_var: ArrayLike,
+    covariance: ArrayLike,
+    weights: ArrayLike,
+    *,
+    batch_size: float,
+    zeta_ratio: float,
+    step_size: float,
+    evidence_z: float,
+    degrees_of_freedom: float = np.inf,
+    loss_weights: ArrayLike | None = None,
+    active: ArrayLike | None = None,
+) -> EvidenceScores:
+    """Log-weight increments that move only on evidence (PIKE_MATH.md s.9).
+
+    Each domain's descent score per unit weight is Algorithm 1's ``u_k = y_k G_k - rho sigma_k^2/(2b)``
+    (``rho = zeta_ratio``), with variance from the statistics' sampling (co)variances. Only differences
+    between domains move weights (renormalisation removes a common shift), so the score is taken
+    relative to the mixture's, ``d_k = u_k - sum_j w_j u_j``, and shrunk toward 0 by ``evidence_z``
+    standard errors (soft thresholding: ``sign(d) max(0, |d| - z se(d))``; with estimated standard errors
+    of ``degrees_of_freedom``, z becomes the Student-t value ``z (1 + (z^2 + 1) / (4 dof))``, first order
+    Cornish-Fisher, so that early checks with a poorly known noise shape need more evidence). The step is scale-free:
+    ``step_size * shrunk_k / S`` nats with ``S = sum_j w_j y_j G_j`` the mixture's gradient signal, so a
+    domain whose score exceeds the mixture's by the whole signal gains ``step_size`` nats. No update
+    (scores 0, ``reason`` set) when a statistic is non-finite or S is not ``evidence_z`` standard errors
+    above 0 (no measurable gradient to follow).
+    """
+    grad, variance = _statistics(grad_sq_norms, per_sample_variances)
+    grad_var, variance_var, covariance = (_vector(name, value) for name, value in (
+        ("grad_sq_var", grad_sq_var), ("variance_var", variance_var), ("covariance", covariance)))
+    mix = _vector("weights", weights)
+    _same_shape("grad_sq_norms", grad, grad_sq_var=grad_var, variance_var=variance_var, covariance=covariance,
+                weights=mix)
+    num_domains = grad.size
+    mask = _active_mask(active, num_domains)
+    coefficients = np.ones(num_domains) if loss_weights is None else _vector("loss_weights", loss_weights)
+    _same_shape("grad_sq_norms", grad, loss_weights=coefficients)
+    batch_size = _positive("batch_size", batch_size)
+    rho = _non_negative("zeta_ratio", zeta_ratio)
+    step_size = _positive("step_size", step_size)
+    evidence_z = _non_negative("evidence_z", evidence_z)
+    if not degrees_of_freedom > 0:
+        raise ValueError(f"degrees_of_freedom must be > 0, got {degrees_of_freedom!r}")
+    critical = evidence_z * (1.0 + (evidence_z**2 + 1.0) / (4.0 * degrees_of_freedom))
+    zeros = np.zeros(num_domains)
+    inputs = {"grad_sq_norms": grad, "per_sample_variances": variance, "grad_sq_var": grad_var,
+              "variance_var": variance_var, "covariance": covariance, "loss_weights": coefficients}
+    for name, values in inputs.items():
+        bad = np.flatnonzero(mask & ~np.isfinite(values))
+        if bad.size:
+            return EvidenceScores(zeros, zeros, zeros, critical, f"non-finite {name} for active domain(s) {bad.tolist()}")
+
+    grad, variance, grad_var, variance_var, covariance, coefficients = (
+        np.where(mask, values, 0.0) for values in inputs.values())
+    shares = np.where(mask, np.maximum(mix, 0.0), 0.0)
+    if not shares.sum() > 0:
+        raise ValueError("weights must have positive mass on the active domains")
+    shares = shares / shares.sum()
+    noise_factor = rho / (2.0 * batch_size)
+    score = np.where(mask, coefficients * grad - noise_factor * variance, 0.0)
+    score_var = np.where(mask, coefficients**2 * np.maximum(grad_var, 0.0) + noise_factor**2 * np.maximum(
+        variance_var, 0.0) - 2.0 * coefficients * noise_factor * covariance, 0.0)
+    score_var = np.maximum(score_var, 0.0)
+    signal = float(np.sum(shares * coefficients * grad))
+    signal_se = float(np.sqrt(np.sum(shares**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
+    if not signal > critical * signal_se:
+        return EvidenceScores(zeros, zeros, zeros, critical, f"the mixture's gradient signal {signal:.3g} is within "
+                                                   f"{critical:.3g} standard errors ({signal_se:.3g}) of 0")
+    relative = np.where(mask, score - np.sum(shares * score), 0.0)
+    # Var(u_k - sum_j w_j u_j) for independent domains: (1 - 2 w_k) Var(u_k) + sum_j w_j^2 Var(u_j)
+    relative_se = np.where(mask, np.sqrt(np.maximum(
+        (1.0 - 2.0 * shares) * score_var + np.sum(shares**2 * score_var), 0.0)), 0.0)
+    shrunk = np.sign(relative) * np.maximum(np.abs(relative) - critical * relative_se, 0.0)
+    return EvidenceScores(step_size * shrunk / signal, relative / signal, relative_se / signal, critical, "")
 
 
 # --------------------------------------------------------------------------- data budget and batch counts

@@ -31,7 +31,7 @@ import composer_pike.algorithm as algorithm_module
 from composer_pike.algorithm import PiKE
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.planner import validate_weights
-from composer_pike.weights import apportion, balanced_coefficients, calibrate_zeta, pike_update
+from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import algorithm_worker as worker  # noqa: E402
@@ -42,7 +42,9 @@ from algorithm_worker import (  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / 'algorithm_worker.py'
 NAMES = [f'd{k}' for k in range(len(DOMAIN_SIZES))]
-PER_DOMAIN = ('weight', 'batch_count', 'epochs', 'grad_sq_norm', 'variance', 'probe_loss', 'noise_scale')
+PER_DOMAIN = ('weight', 'batch_count', 'epochs', 'score', 'grad_sq_norm', 'grad_sq_norm_se', 'variance', 'variance_se',
+              'probe_loss', 'noise_scale', 'noise_dim', 'advantage', 'advantage_se', 'pooled/grad_sq_norm',
+              'pooled/grad_sq_norm_se', 'pooled/variance', 'pooled/variance_se', 'pooled/samples', 'pooled/probe_loss')
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -127,7 +129,7 @@ def expected_counts(series: dict, steps, batch_size: int = BATCH_SIZE) -> dict[i
 
 @pytest.fixture(scope='module')
 def reference(dataset) -> Run:
-    """Plain PiKE (fp32, no microbatching, calibrated zeta, target_step 1), a check at both of 2 batches."""
+    """Plain PiKE (fp32, no microbatching, evidence rule without threshold), a check at both of 2 batches."""
     return fit(dataset, algorithms=[make_pike(check_interval=1)], max_duration='2ba')
 
 
@@ -168,28 +170,33 @@ def test_metrics_at_every_check_and_counts_change_at_effective_step(dataset):
     logged_at = [c + 1 for c in checks]  # BATCH_END of the check step: timestamp.batch is already c + 1
 
     names = [f'pike/{kind}/{n}' for kind in PER_DOMAIN for n in NAMES]
-    names += ['pike/zeta1', 'pike/zeta2', 'pike/skipped', 'pike/checks', 'pike/effective_step', 'pike/min_cosine']
-    names += [f'pike/cosine/{a}/{b}' for i, a in enumerate(NAMES) for b in NAMES[i + 1:]]
+    names += ['pike/zeta_ratio', 'pike/critical_z', 'pike/skipped', 'pike/checks', 'pike/probe_samples',
+              'pike/probed_domains', 'pike/effective_step', 'pike/min_cosine']
+    names += [f'pike/{kind}/{a}/{b}' for kind in ('cosine', 'cosine_se') for i, a in enumerate(NAMES) for b in NAMES[i + 1:]]
     for name in names:
         assert [b for b, _ in series.get(name, [])] == logged_at, name
     assert run.values('pike/checks') == [1.0, 2.0, 3.0, 4.0]
     assert run.values('pike/skipped') == [0.0] * len(checks)
-    assert all(z > 0 for z in run.values('pike/zeta1'))
-    assert len(set(run.values('pike/zeta1'))) == len(checks)  # calibrated at every check (the default)
+    assert run.values('pike/probe_samples') == [16.0 * len(NAMES) * (i + 1) for i in range(len(checks))]
+    assert all(0 < rho < 1 for rho in run.values('pike/zeta_ratio'))
     for i, b in enumerate(logged_at):
-        weights = np.array([dict(series[f'pike/weight/{n}'])[b] for n in NAMES])
-        assert weights.sum() == pytest.approx(1.0, abs=1e-12)
-        assert np.all(weights >= 0.05 / len(NAMES) - 1e-12)
-        grad = np.array([dict(series[f'pike/grad_sq_norm/{n}'])[b] for n in NAMES])
-        var = np.array([dict(series[f'pike/variance/{n}'])[b] for n in NAMES])
-        noise = np.array([dict(series[f'pike/noise_scale/{n}'])[b] for n in NAMES])
-        loss = np.array([dict(series[f'pike/probe_loss/{n}'])[b] for n in NAMES])
-        assert np.all(np.isfinite(grad)) and np.all(var > 0) and np.all((loss > 0) & (loss < 20))
-        positive = grad > 0
-        np.testing.assert_allclose(noise[positive], var[positive] / grad[positive], rtol=1e-12)
+        at = {kind: np.array([dict(series[f'pike/{kind}/{n}'])[b] for n in NAMES]) for kind in PER_DOMAIN}
+        assert at['weight'].sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(at['weight'] >= default_min_weight(len(NAMES), BATCH_SIZE) - 1e-12)  # a sample per batch
+        assert np.all(np.isfinite(at['grad_sq_norm'])) and np.all(at['variance'] > 0)
+        assert np.all((at['probe_loss'] > 0) & (at['probe_loss'] < 20))
+        assert np.all(at['grad_sq_norm_se'] > 0) and np.all(at['variance_se'] > 0)
+        assert np.all(at['pooled/samples'] >= 16)
+        positive = at['pooled/grad_sq_norm'] > 0
+        np.testing.assert_allclose(at['noise_scale'][positive],
+                                   at['pooled/variance'][positive] / at['pooled/grad_sq_norm'][positive], rtol=1e-12)
+        if i == 0:  # the first probe is the whole pool
+            for kind in ('grad_sq_norm', 'grad_sq_norm_se', 'variance', 'variance_se', 'probe_loss'):
+                np.testing.assert_allclose(at[f'pooled/{kind}'], at[kind], rtol=1e-12)
         for a_i, a in enumerate(NAMES):
             for b_name in NAMES[a_i + 1:]:
                 assert math.isfinite(dict(series[f'pike/cosine/{a}/{b_name}'])[b])
+                assert dict(series[f'pike/cosine_se/{a}/{b_name}'])[b] > 0
 
     # Effective-step rule: decided after step c, used from c + 1 + delay on.
     effective = [int(v) for v in run.values('pike/effective_step')]
@@ -233,10 +240,10 @@ def test_probe_does_not_change_training(dataset, monkeypatch, dropout):
     uniform = np.full(len(NAMES), 1 / len(NAMES))
 
     def same_weights(*args, **kwargs):
-        step = pike_update(*args, **kwargs)
+        step = apply_scores(*args, **kwargs)
         return dataclasses.replace(step, weights=uniform.copy(), log_weights=np.log(uniform))
 
-    monkeypatch.setattr(algorithm_module, 'pike_update', same_weights)
+    monkeypatch.setattr(algorithm_module, 'apply_scores', same_weights)
     with_pike = fit(dataset, model=build_model(dropout=dropout), algorithms=[make_pike(check_interval=2)],
                     max_duration='6ba')
     without = fit(dataset, model=build_model(dropout=dropout), max_duration='6ba')
@@ -361,7 +368,7 @@ def test_resume_mid_training_reproduces_the_uninterrupted_run(dataset, data_temp
         assert resumed.recorder.rows[step] == full.recorder.rows[step], f'step {step}'
         assert resumed.recorder.schedules[step] == full.recorder.schedules[step], f'step {step}'
     assert first.recorder.rows == {s: full.recorder.rows[s] for s in range(cut)}
-    # The PiKE trajectory after the cut is identical, including the restored calibration and check count.
+    # The PiKE trajectory after the cut is identical, including the restored pooled statistics and check count.
     for key, values in full.series.items():
         before = [(b, v) for b, v in values if b <= cut]
         after = [(b, v) for b, v in values if b > cut]
@@ -468,14 +475,21 @@ def test_mixture_loader_is_accepted_by_composer_with_two_ranks(dataset, monkeypa
     (dict(num_chunks=1), 'num_chunks'),
     (dict(check_interval=0), 'check_interval'),
     (dict(check_interval=-3), 'check_interval'),
-    (dict(zeta1=0.0, zeta2=1.0), 'zeta1'),
-    (dict(zeta1=-1.0, zeta2=1.0), 'zeta1'),
-    (dict(zeta1=1.0, zeta2=0.0), 'zeta2'),
-    (dict(zeta1=1.0), 'both'),
+    (dict(update='paper', zeta1=0.0, zeta2=1.0), 'zeta1'),
+    (dict(update='paper', zeta1=-1.0, zeta2=1.0), 'zeta1'),
+    (dict(update='paper', zeta1=1.0, zeta2=0.0), 'zeta2'),
+    (dict(update='paper', zeta1=1.0), 'both'),
+    (dict(update='paper'), "update='paper', which needs them"),
+    (dict(zeta1=1.0, zeta2=1.0), "update='paper', which needs them"),
+    (dict(update='sometimes'), 'update must be one of evidence, paper, kkt'),
     (dict(estimation_batch_size=10, num_chunks=4), 'multiple'),
     (dict(tau=-1.0), 'tau'),
-    (dict(target_step=0.0), 'target_step'),
-    (dict(calibration='sometimes'), 'calibration'),
+    (dict(step_size=0.0), 'step_size'),
+    (dict(evidence_z=-1.0), 'evidence_z'),
+    (dict(zeta_ratio='often'), 'zeta_ratio'),
+    (dict(smoothness=-1.0), 'smoothness'),
+    (dict(pool_decay=1.0), 'pool_decay'),
+    (dict(domains_per_check=0), 'domains_per_check'),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -531,73 +545,107 @@ def nan_model(domain: int = 1):
     return model
 
 
-@pytest.mark.parametrize('explicit_zeta', [True, False], ids=['explicit-zeta', 'calibrated-zeta'])
-def test_non_finite_statistics_skip_the_update(dataset, caplog, explicit_zeta):
-    zeta = dict(zeta1=0.5, zeta2=0.5) if explicit_zeta else {}
+PAPER = dict(update='paper', zeta1=0.5, zeta2=0.5)
+
+
+@pytest.mark.parametrize('rule', [{}, PAPER], ids=['evidence', 'paper'])
+def test_non_finite_statistics_skip_the_update(dataset, caplog, rule):
     with caplog.at_level(logging.WARNING, logger='composer_pike.algorithm'):
-        run = fit(dataset, model=nan_model(), algorithms=[make_pike(check_interval=2, **zeta)], max_duration='4ba')
+        run = fit(dataset, model=nan_model(), algorithms=[make_pike(check_interval=2, **rule)], max_duration='4ba')
     messages = [r.getMessage() for r in caplog.records if r.name == 'composer_pike.algorithm']
     assert len([m for m in messages if 'skipping' in m]) == 2, messages
-    assert any('non-finite' in m for m in messages), messages
+    assert any("non-finite statistics or probe loss for ['d1']" in m for m in messages), messages
     assert 'pike/effective_step' not in run.series  # nothing scheduled
     assert len(run.loader.batch_sampler.planner.schedule) == 1
     assert all(np.array_equal(c, [3, 3, 2]) for c in step_counts(run.recorder).values())
     assert all(torch.isfinite(p).all() for p in run.params.values())  # training never saw the NaN
     assert run.values('pike/skipped') == [1.0, 1.0]  # the skip is visible in the metrics too
+    assert 'pike/pooled/grad_sq_norm/d1' not in run.series  # the NaN probe was never pooled
+    assert all(math.isfinite(v) for v in run.values('pike/pooled/grad_sq_norm/d0'))
     for n in NAMES:
         assert run.values(f'pike/weight/{n}') == pytest.approx([1 / len(NAMES)] * 2, abs=1e-12)
 
 
 def test_non_finite_probe_loss_with_balanced_pike_skips(dataset, caplog):
     with caplog.at_level(logging.WARNING, logger='composer_pike.algorithm'):
-        run = fit(dataset, model=nan_model(), max_duration='2ba',
-                  algorithms=[make_pike(check_interval=2, tau=3.0, zeta1=0.5, zeta2=0.5)])
+        run = fit(dataset, model=nan_model(), max_duration='2ba', algorithms=[make_pike(check_interval=2, tau=3.0)])
     assert run.values('pike/skipped') == [1.0]
     assert any('non-finite' in r.getMessage() for r in caplog.records), caplog.text
     assert len(run.loader.batch_sampler.planner.schedule) == 1
 
 
-@pytest.mark.parametrize('calibration', ['every_check', 'first_check'])
-def test_calibrated_zeta_at_every_check_or_only_the_first(dataset, calibration):
-    """Each check's zeta is calibrate_zeta of that check's statistics ('every_check'), or of the first
-    check's for the whole run ('first_check'); the weights are pike_update with that zeta."""
-    run = fit(dataset, algorithms=[make_pike(check_interval=2, calibration=calibration)], max_duration='6ba')
-    zetas = run.values('pike/zeta1')
+def logged(run: Run, kinds, check: int) -> dict[str, np.ndarray]:
+    return {kind: np.array([run.series[f'pike/{kind}/{n}'][check][1] for n in NAMES]) for kind in kinds}
+
+
+def test_evidence_updates_follow_the_logged_statistics(dataset):
+    """Each check's weights are apply_scores of the logged scores from the previous weights, and each score
+    is step_size times the advantage beyond critical_z standard errors, clipped (weights.evidence_scores)."""
+    run = fit(dataset, algorithms=[make_pike(check_interval=2, evidence_z=1.0)], max_duration='8ba')
+    algorithm = run.trainer.state.algorithms[0]
+    log_weights = np.log(np.full(len(NAMES), 1 / len(NAMES)))
+    moved = 0
+    for check, critical in enumerate(run.values('pike/critical_z')):
+        at = logged(run, ('advantage', 'advantage_se', 'score', 'weight'), check)
+        assert critical > 1.0  # small-sample correction: the noise shape rests on a few probes
+        excess = np.maximum(np.abs(at['advantage']) - critical * at['advantage_se'], 0.0)
+        expected = np.clip(algorithm.step_size * np.sign(at['advantage']) * excess, -1.0, 1.0)
+        np.testing.assert_allclose(at['score'], expected, rtol=1e-9, atol=1e-15)
+        step = apply_scores(log_weights, at['score'], min_weight=default_min_weight(len(NAMES), BATCH_SIZE))
+        np.testing.assert_allclose(at['weight'], step.weights, rtol=1e-10)
+        log_weights = step.log_weights
+        moved += bool(np.any(at['score'] != 0))
+    assert moved  # the test saw at least one update that moved
+    # The weights are Algorithm 1's direction: above the mixture's score means more weight.
+    at = logged(run, ('advantage', 'score'), 0)
+    assert np.all(np.sign(at['score']) * np.sign(at['advantage']) >= 0)
+
+
+def test_paper_mode_is_algorithm_1_on_pooled_statistics(dataset):
+    """update='paper' is pike_update with the explicit zetas, cumulative, on the pooled G and sigma^2."""
+    run = fit(dataset, algorithms=[make_pike(check_interval=2, **PAPER)], max_duration='6ba')
+    assert run.values('pike/zeta1') == [0.5] * 3 and run.values('pike/zeta2') == [0.5] * 3  # never recalibrated
     log_weights = np.log(np.full(len(NAMES), 1 / len(NAMES)))
     for check in range(3):
-        stats = {kind: np.array([run.series[f'pike/{kind}/{n}'][check][1] for n in NAMES])
-                 for kind in ('grad_sq_norm', 'variance', 'weight')}
-        if check == 0 or calibration == 'every_check':
-            zeta1, zeta2 = calibrate_zeta(stats['grad_sq_norm'], stats['variance'], batch_size=BATCH_SIZE,
-                                          target_step=1.0)
-        assert zetas[check] == pytest.approx(zeta1, rel=1e-12)
-        step = pike_update(log_weights, stats['grad_sq_norm'], stats['variance'], zeta1=zeta1, zeta2=zeta2,
-                           batch_size=BATCH_SIZE, score_clip=1.0)
-        np.testing.assert_allclose(stats['weight'], step.weights, rtol=1e-10)
+        at = logged(run, ('pooled/grad_sq_norm', 'pooled/variance', 'weight'), check)
+        step = pike_update(log_weights, at['pooled/grad_sq_norm'], at['pooled/variance'], zeta1=0.5, zeta2=0.5,
+                           batch_size=BATCH_SIZE)
+        np.testing.assert_allclose(at['weight'], step.weights, rtol=1e-10)
         log_weights = step.log_weights
-    assert (len(set(zetas)) == 3) == (calibration == 'every_check')
+
+
+def test_kkt_mode_is_the_bound_minimiser_at_the_current_learning_rate(dataset):
+    """update='kkt' (mixing.policy=pike_kkt): the logged weights are kkt_weights of the pooled statistics
+    with L = zeta_ratio / lr (smoothness 'auto'), projected onto the floor."""
+    from composer_pike.weights import kkt_weights, project_to_bounds
+
+    run = fit(dataset, algorithms=[make_pike(check_interval=2, update='kkt')], max_duration='4ba')
+    floor = default_min_weight(len(NAMES), BATCH_SIZE)
+    lr = 1e-3  # fit's AdamW, no scheduler
+    for check, rho in enumerate(run.values('pike/zeta_ratio')):
+        at = logged(run, ('pooled/grad_sq_norm', 'pooled/variance', 'weight'), check)
+        optimum = kkt_weights(at['pooled/grad_sq_norm'], at['pooled/variance'], lr=lr, batch_size=BATCH_SIZE,
+                              smoothness=rho / lr)
+        np.testing.assert_allclose(at['weight'], project_to_bounds(optimum, floor, 1.0), rtol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------- 7. Balanced-PiKE
 
 
 def test_balanced_pike_differs_from_plain_and_matches_the_math(dataset, reference):
-    balanced = fit(dataset, algorithms=[make_pike(check_interval=1, tau=3.0)],
-                   max_duration='1ba')
-    plain, tilted = reference.stats_at_first_check(), balanced.stats_at_first_check()
+    plain = fit(dataset, algorithms=[make_pike(check_interval=1, **PAPER)], max_duration='1ba')
+    balanced = fit(dataset, algorithms=[make_pike(check_interval=1, tau=3.0, **PAPER)], max_duration='1ba')
+    plain_stats, tilted = plain.stats_at_first_check(), balanced.stats_at_first_check()
     for kind in ('grad_sq_norm', 'variance', 'probe_loss'):
-        np.testing.assert_array_equal(tilted[kind], plain[kind])  # same statistics ...
-    assert np.abs(tilted['weight'] - plain['weight']).max() > 1e-3  # ... different weights
+        np.testing.assert_array_equal(tilted[kind], plain_stats[kind])  # same statistics ...
+    assert np.abs(tilted['weight'] - plain_stats['weight']).max() > 1e-3  # ... different weights
     # Both runs are exactly one PiKE step of weights.py on the logged statistics from uniform weights.
     uniform = np.log(np.full(len(NAMES), 1 / len(NAMES)))
-    for run, stats, tau in ((reference, plain, 0.0), (balanced, tilted, 3.0)):
+    for stats, tau in ((plain_stats, 0.0), (tilted, 3.0)):
         loss_weights = balanced_coefficients(stats['probe_loss'], tau) if tau > 0 else None
-        zeta1, zeta2 = calibrate_zeta(stats['grad_sq_norm'], stats['variance'], batch_size=BATCH_SIZE,
-                                      target_step=1.0, loss_weights=loss_weights)
-        assert run.values('pike/zeta1')[0] == pytest.approx(zeta1, rel=1e-12)
-        step = pike_update(uniform, stats['grad_sq_norm'], stats['variance'], zeta1=zeta1, zeta2=zeta2,
-                           batch_size=BATCH_SIZE, loss_weights=loss_weights, score_clip=1.0)
+        step = pike_update(uniform, stats['grad_sq_norm'], stats['variance'], zeta1=0.5, zeta2=0.5,
+                           batch_size=BATCH_SIZE, loss_weights=loss_weights)
         np.testing.assert_allclose(stats['weight'], step.weights, rtol=1e-12)
     # The tilt favours the domain with the highest probe loss relative to plain PiKE.
-    worst = int(np.argmax(plain['probe_loss']))
-    assert tilted['weight'][worst] / plain['weight'][worst] == max(tilted['weight'] / plain['weight'])
+    worst = int(np.argmax(plain_stats['probe_loss']))
+    assert tilted['weight'][worst] / plain_stats['weight'][worst] == max(tilted['weight'] / plain_stats['weight'])

@@ -25,9 +25,10 @@ GLAM_YAML = os.path.join(REPO, 'yamls', 'six_domain_glam.yaml')
 YAMLS = sorted(glob.glob(os.path.join(REPO, 'yamls', '*.yaml')))
 DOMAINS = ('d0', 'd1', 'd2')
 TOTAL, CUT, CRASH = 8, 4, 6  # steps; checkpoints every CUT steps; the interrupted run dies after step CRASH
+# evidence_z=0: weights move at every check, so resumption and rank agreement are tested on moving weights
 TINY = ['data.global_batch_size=8', 'data.num_workers=2', 'data.eval_batch_size=4', 'data.eval_max_batches=2',
         'model.d_model=32', 'model.n_heads=2', 'mixing.pike.check_interval=2', 'mixing.pike.estimation_batch_size=8',
-        'mixing.pike.num_chunks=2', 'trainer.progress_bar=false', f'trainer.max_duration={TOTAL}ba',
+        'mixing.pike.num_chunks=2', 'mixing.pike.evidence_z=0', 'trainer.progress_bar=false', f'trainer.max_duration={TOTAL}ba',
         f'trainer.eval_interval={CUT}ba', 'optimizer.warmup=2ba']
 
 
@@ -78,7 +79,9 @@ def test_demo_yaml_validates():
     ('mixing.policy=fixed', 'mixing.weights', 'needs mixing.weights'),
     ('trainer.autoresume=true', 'trainer.autoresume', 'save_folder'),
     ('data.download_retry=0', 'data.download_retry', 'at least 1'),
-    ('mixing.pike.calibration=every', 'mixing.pike.calibration', "did you mean 'every_check'"),
+    ('mixing.pike.update=evidense', 'mixing.pike.update', "did you mean 'evidence'"),
+    ('mixing.pike.zeta1=0.5', 'mixing.pike', 'set both zeta1 and zeta2'),
+    ('mixing.pike.zeta_ratio=often', 'mixing.pike', "zeta_ratio must be 'auto' or > 0"),
     ('data.download_timeout=0', 'data.download_timeout', 'positive'),
 ])
 def test_bad_keys_and_values_name_the_key(override, key, hint):
@@ -100,8 +103,9 @@ def test_missing_manifest_is_reported():
 
 
 def test_weight_presets_resolve_and_placeholders_refuse():
-    with pytest.raises(ConfigError, match=r"mixing.presets.glam': a placeholder"):
-        load_config(GLAM_YAML, ['mixing.policy=fixed', 'mixing.preset=glam'])
+    with pytest.raises(ConfigError, match=r"mixing.presets.unset': a placeholder without numbers for news"):
+        load_config(GLAM_YAML, ['mixing.policy=fixed', 'mixing.preset=unset', 'mixing.presets.unset.books=0.5',
+                                'mixing.presets.unset.news=???'])
     with pytest.raises(ConfigError, match="did you mean 'doremi'"):
         load_config(GLAM_YAML, ['mixing.preset=doremy'])
     config = load_config(DEMO_YAML, ['mixing.policy=fixed', 'mixing.preset=mine', 'mixing.presets.mine.d0=1',
@@ -149,6 +153,10 @@ def test_policies_resolve_to_loader_settings():
     fixed = plan_policy('fixed', names, sizes, weights={'a': 2, 'c': 2})
     np.testing.assert_allclose(fixed.weights, [0.5, 0.0, 0.5])
     assert plan_policy('balanced_pike', names, sizes, tau=3).tau == 3 and plan_policy('pike', names, sizes).tau == 0
+    kkt = plan_policy('pike_kkt', names, sizes, tau=3)
+    assert (kkt.adaptive, kkt.tau, kkt.update, kkt.batching) == (True, 0.0, 'kkt', 'mix')
+    assert plan_policy('pike', names, sizes).update is None  # mixing.pike.update decides
+    np.testing.assert_allclose(kkt.weights, np.full(3, 1 / 3))
     with pytest.raises(ValueError, match="needs mixing.weights"):
         plan_policy('fixed', names, sizes)
     with pytest.raises(ValueError, match="unknown domains"):
@@ -370,3 +378,23 @@ def test_two_fsdp2_processes_through_the_composer_launcher(tmp_path):
     assert {'eval/avg_loss', 'eval/worst_loss'} <= set(rank0)
     assert not np.allclose([rank0[f'pike/weight/{d}'][-1][1] for d in DOMAINS], 1 / 3)
     assert '[hyperparameter]: parameter_type: "DTensor"' in (out / 'log-rank0.txt').read_text()  # sharded by FSDP2
+
+
+# The paper's Table 4 (PiKE, arXiv 2502.06244): GLaM and DoReMi weights of the six GLaM domains.
+GLAM_TABLE = {'filtered_webpages': (0.42, 0.51), 'wikipedia': (0.06, 0.05), 'conversations': (0.28, 0.22),
+              'forums': (0.02, 0.04), 'books': (0.20, 0.20), 'news': (0.02, 0.02)}
+GLAM_SIZES_BTOK = {'filtered_webpages': 143, 'wikipedia': 3, 'conversations': 174, 'forums': 247, 'books': 390,
+                   'news': 650}
+
+
+@pytest.mark.parametrize('preset, column', [('glam', 0), ('doremi', 1)])
+def test_glam_yaml_presets_hold_the_papers_weights(preset, column):
+    names = list(GLAM_TABLE)
+    table = np.array([GLAM_TABLE[name][column] for name in names])  # sums: GLaM 1.00, DoReMi 1.04
+    for overrides in (['mixing.policy=fixed', f'mixing.preset={preset}'], [f'mixing.preset={preset}']):
+        config = load_config(GLAM_YAML, overrides)
+        assert sorted(config.mixing.weights) == sorted(names)
+        np.testing.assert_allclose([config.mixing.weights[name] for name in names], table)
+        plan = plan_policy(config.mixing.policy, names, [GLAM_SIZES_BTOK[name] for name in names],
+                           weights=dict(config.mixing.weights))
+        np.testing.assert_allclose(plan.weights, table / table.sum())

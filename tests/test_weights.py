@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 
 from composer_pike.weights import (
     PikeStep,
+    apply_scores,
     apportion,
+    auto_zeta_ratio,
+    default_min_weight,
+    evidence_scores,
     balanced_coefficients,
-    calibrate_zeta,
     descent_bound_coefficients,
     epoch_cap_upper_bounds,
     kkt_weights,
@@ -207,26 +210,6 @@ def test_pike_scores_formula_and_loss_weights():
     np.testing.assert_allclose(scores, [0.5 * 2 * 1 - 2 / 8 * 8, 0.5 * 0.5 * 2])
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, 3.0])
-def test_calibrate_zeta_hits_target(ratio):
-    rng = np.random.default_rng(3)
-    grad, variance, balance = rng.uniform(0, 1e-3, 7), rng.uniform(0, 1e-1, 7), rng.uniform(0.2, 3, 7)
-    zeta1, zeta2 = calibrate_zeta(grad, variance, batch_size=256, target_step=0.3,
-                                  zeta_ratio=ratio, loss_weights=balance)
-    assert zeta2 == pytest.approx(ratio * zeta1)
-    scores = pike_scores(grad, variance, zeta1=zeta1, zeta2=zeta2, batch_size=256, loss_weights=balance)
-    assert np.abs(scores).max() == pytest.approx(0.3, rel=1e-12)
-
-
-def test_calibrate_zeta_ignores_inactive_and_rejects_degenerate():
-    zeta1, _ = calibrate_zeta([2.0, 1e9], [0.0, 0.0], batch_size=8, active=np.array([True, False]))
-    assert zeta1 == pytest.approx(0.15)
-    with pytest.raises(ValueError, match="all zero"):
-        calibrate_zeta([0.0, 0.0], [0.0, 0.0], batch_size=8)
-    with pytest.raises(ValueError, match="non-finite"):
-        calibrate_zeta([np.nan, 1.0], [0.0, 0.0], batch_size=8)
-
-
 # --------------------------------------------------------------------------- s.5/s.8 pike_update
 
 
@@ -239,7 +222,7 @@ def test_pike_update_is_multiplicative_and_cumulative():
     prior = np.array([0.1, 0.2, 0.3, 0.4])
     grad1, var1 = np.array([0.3, 0.1, 0.2, 0.05]), np.array([2.0, 1.0, 4.0, 0.5])
     grad2, var2 = np.array([0.1, 0.4, 0.1, 0.2]), np.array([1.0, 3.0, 1.0, 2.0])
-    kwargs = dict(zeta1=1.0, zeta2=0.5, batch_size=8)
+    kwargs = dict(zeta1=1.0, zeta2=0.5, batch_size=100)  # floor 0.0125: not binding
     first = pike_update(np.log(prior), grad1, var1, **kwargs)
     second = pike_update(first.log_weights, grad2, var2, **kwargs)
     score1 = pike_scores(grad1, var1, **kwargs)
@@ -260,12 +243,12 @@ def test_pike_update_clips_scores():
 
 def test_pike_update_floor_binds_and_is_written_back():
     step = pike_update(np.zeros(4), [5.0, 0.0, 0.0, 0.0], [0.0] * 4, zeta1=1.0, zeta2=0.0,
-                       batch_size=1, score_clip=20.0)
-    floor = 0.05 / 4
+                       batch_size=1000, score_clip=20.0)
+    floor = 0.05 / 4  # max(0.05/K, 1/b) with b = 1000
     np.testing.assert_allclose(step.weights, [1 - 3 * floor, floor, floor, floor], rtol=1e-12)
     np.testing.assert_allclose(step.log_weights, np.log(step.weights), rtol=1e-14)
     # The projection lives in log space: a zero-score step changes nothing.
-    again = pike_update(step.log_weights, [1.0] * 4, [0.0] * 4, zeta1=0.0, zeta2=0.0, batch_size=1)
+    again = pike_update(step.log_weights, [1.0] * 4, [0.0] * 4, zeta1=0.0, zeta2=0.0, batch_size=1000)
     np.testing.assert_allclose(again.weights, step.weights, rtol=1e-12)
 
 
@@ -282,7 +265,7 @@ def test_pike_update_per_domain_cap_and_cap_below_floor():
 def test_pike_update_equal_scores_leave_weights_unchanged():
     prior = np.array([0.15, 0.25, 0.6])
     step = pike_update(np.log(prior), [0.2, 0.2, 0.2], [3.0, 3.0, 3.0], zeta1=1.0, zeta2=0.1,
-                       batch_size=4)
+                       batch_size=4, min_weight=0.01)
     np.testing.assert_allclose(step.weights, prior, rtol=1e-13)
 
 
@@ -291,14 +274,14 @@ def test_pike_update_inactive_domains():
     active = np.array([True, False, True, True])
     grad = np.array([0.2, np.nan, 0.1, 0.3])
     variance = np.array([1.0, np.nan, 1.0, 1.0])
-    step = pike_update(log_weights, grad, variance, zeta1=1.0, zeta2=0.1, batch_size=4, active=active)
+    step = pike_update(log_weights, grad, variance, zeta1=1.0, zeta2=0.1, batch_size=4, active=active, min_weight=0.01)
     assert not step.skipped
     assert step.weights[1] == 0.0 and step.log_weights[1] == -np.inf and step.scores[1] == 0.0
     expected = softmax(pike_scores(grad[active], variance[active], zeta1=1.0, zeta2=0.1, batch_size=4))
     np.testing.assert_allclose(step.weights[active], expected, rtol=1e-12)
     # A domain that just ran out of data drops out and the rest renormalise.
     dropped = pike_update(np.log([0.5, 0.3, 0.2]), np.ones(3), np.ones(3), zeta1=0.0, zeta2=0.0,
-                          batch_size=4, active=np.array([True, True, False]))
+                          batch_size=4, min_weight=0.01, active=np.array([True, True, False]))
     np.testing.assert_allclose(dropped.weights, [0.625, 0.375, 0.0], rtol=1e-12)
 
 
@@ -314,7 +297,7 @@ def test_pike_update_inactive_domains():
 )
 def test_pike_update_skips_bad_statistics(grad, variance, loss_weights, reason):
     prior = np.log([0.2, 0.3, 0.5])
-    step = pike_update(prior, grad, variance, zeta1=10.0, zeta2=1.0, batch_size=4,
+    step = pike_update(prior, grad, variance, zeta1=10.0, zeta2=1.0, batch_size=4, min_weight=0.01,
                        loss_weights=loss_weights)
     assert step.skipped
     assert pytest.approx(step.weights, rel=1e-13) == [0.2, 0.3, 0.5]
@@ -349,7 +332,100 @@ def test_pike_update_is_permutation_equivariant(data, num_domains, clip):
     permuted = pike_update(log_weights[permutation], grad[permutation], variance[permutation], **kwargs)
     np.testing.assert_allclose(permuted.weights, base.weights[permutation], rtol=1e-10, atol=1e-14)
     assert base.weights.sum() == pytest.approx(1.0, abs=1e-12)
-    assert base.weights.min() >= 0.05 / num_domains - 1e-15
+    assert base.weights.min() >= default_min_weight(num_domains, 8) - 1e-15
+
+
+# --------------------------------------------------------------------------- s.9 evidence-driven update
+
+
+def test_default_min_weight_keeps_one_sample_per_batch():
+    assert default_min_weight(6, 48) == pytest.approx(1 / 48)  # 0.05/6 would be 0.4 samples of 48
+    assert default_min_weight(4, 1000) == pytest.approx(0.05 / 4)
+    assert default_min_weight(64, 16) == pytest.approx(1 / 64)  # more domains than slots: at most 1/K
+    floor = default_min_weight(6, 48)
+    counts = apportion(project_to_bounds(np.array([0.9, 0.02, 0.02, 0.02, 0.02, 0.02]), floor, 1.0), 48)
+    assert counts.min() >= 1
+    with pytest.raises(ValueError, match="num_active"):
+        default_min_weight(0, 8)
+
+
+def test_auto_zeta_ratio_is_batch_over_batch_plus_noise_scale():
+    grad, variance, weights = np.array([2.0, 1.0]), np.array([300.0, 100.0]), np.array([0.5, 0.5])
+    noise_scale = (0.5 * 300 + 0.5 * 100) / (0.5 * 2 + 0.5 * 1)
+    assert auto_zeta_ratio(grad, variance, weights, batch_size=48) == pytest.approx(48 / (48 + noise_scale))
+    # Sign change of a domain's score u = G - rho sigma^2 / (2b) at sigma^2/G = 2 (b + B).
+    rho = auto_zeta_ratio(grad, variance, weights, batch_size=48)
+    assert 1.0 - rho * (2 * (48 + noise_scale)) / (2 * 48) == pytest.approx(0.0, abs=1e-12)
+    assert auto_zeta_ratio([-1.0, 0.0], [5.0, 5.0], [0.5, 0.5], batch_size=8) == 0.0  # no signal: no trade
+
+
+def evidence(grad, variance, grad_var, weights=None, **kwargs):
+    grad = np.asarray(grad, dtype=float)
+    options = dict(batch_size=32, zeta_ratio=0.5, step_size=0.5, evidence_z=2.0)
+    options.update(kwargs)
+    return evidence_scores(grad, variance, grad_var, np.zeros_like(grad), np.zeros_like(grad),
+                           np.full(grad.size, 1 / grad.size) if weights is None else weights, **options)
+
+
+def test_evidence_scores_formula_without_noise():
+    grad, variance = np.array([3.0, 1.0, 2.0]), np.array([64.0, 0.0, 32.0])
+    result = evidence(grad, variance, np.zeros(3), evidence_z=0.0)
+    score = grad - 0.5 * variance / 64
+    signal = grad.mean()
+    np.testing.assert_allclose(result.advantage, (score - score.mean()) / signal, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(result.scores, 0.5 * (score - score.mean()) / signal, rtol=1e-12, atol=1e-15)
+    assert result.reason == "" and np.all(result.advantage_se == 0)
+
+
+def test_evidence_scores_do_not_move_on_differences_within_their_errors():
+    grad = np.array([1.0, 1.1, 0.9])
+    still = evidence(grad, np.zeros(3), np.full(3, 0.2**2))  # differences of 0.1 against errors of 0.2
+    np.testing.assert_array_equal(still.scores, np.zeros(3))
+    moved = evidence(grad, np.zeros(3), np.full(3, 0.01**2))
+    assert moved.scores[1] > 0 > moved.scores[2]
+    # Soft thresholding: the step is what exceeds z standard errors, no more.
+    expected = np.sign(moved.advantage) * np.maximum(np.abs(moved.advantage) - 2 * moved.advantage_se, 0) * 0.5
+    np.testing.assert_allclose(moved.scores, expected, rtol=1e-12)
+
+
+def test_evidence_scores_are_scale_free_and_permutation_equivariant():
+    rng = np.random.default_rng(5)
+    grad, variance, grad_var = rng.uniform(0.5, 2, 5), rng.uniform(0, 200, 5), rng.uniform(0, 0.01, 5)
+    weights = rng.dirichlet(np.ones(5))
+    base = evidence(grad, variance, grad_var, weights)
+    scaled = evidence(grad * 1e-4, variance * 1e-4, grad_var * 1e-8, weights)  # loss scale changed
+    np.testing.assert_allclose(scaled.scores, base.scores, rtol=1e-9)
+    order = rng.permutation(5)
+    permuted = evidence(grad[order], variance[order], grad_var[order], weights[order])
+    np.testing.assert_allclose(permuted.scores, base.scores[order], rtol=1e-12)
+
+
+def test_evidence_scores_skip_without_signal_or_on_bad_input():
+    no_signal = evidence([0.01, -0.01], [1.0, 1.0], [1.0, 1.0])
+    assert "gradient signal" in no_signal.reason and np.all(no_signal.scores == 0)
+    bad = evidence([1.0, np.nan], [1.0, 1.0], [0.0, 0.0])
+    assert "non-finite grad_sq_norms" in bad.reason
+    inactive = evidence([1.0, np.nan, 2.0], [1.0, np.nan, 1.0], [0.0, np.nan, 0.0],
+                        weights=np.array([0.5, 0.0, 0.5]), active=np.array([True, False, True]))
+    assert inactive.reason == "" and inactive.scores[1] == 0 and inactive.scores[2] > 0
+
+
+def test_evidence_scores_variance_term_and_balanced_weights():
+    # Equal G, one domain twice as noisy: the noisy one loses weight (the variance term's role).
+    noisy = evidence([1.0, 1.0], [10.0, 20.0], [0.0, 0.0], zeta_ratio=1.0, batch_size=4, evidence_z=0.0)
+    assert noisy.scores[0] > 0 > noisy.scores[1]
+    tilted = evidence([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], loss_weights=np.array([1.5, 0.5]), evidence_z=0.0)
+    assert tilted.scores[0] > 0 > tilted.scores[1]
+
+
+def test_apply_scores_clips_renormalises_and_floors():
+    step = apply_scores(np.log([0.5, 0.5]), np.array([3.0, -3.0]), score_clip=1.0, min_weight=0.1)
+    np.testing.assert_allclose(step.scores, [1.0, -1.0])
+    np.testing.assert_allclose(step.weights, softmax(np.array([1.0, -1.0])), rtol=1e-12)
+    floored = apply_scores(np.log([0.5, 0.5]), np.array([3.0, -3.0]), score_clip=5.0, min_weight=0.2)
+    assert floored.weights[1] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="scores must be finite"):
+        apply_scores(np.zeros(2), np.array([np.nan, 0.0]), min_weight=0.1)
 
 
 # --------------------------------------------------------------------------- s.6 Balanced-PiKE

@@ -1,0 +1,114 @@
+"""Known-answer mixtures for the default update rule (PIKE_MATH.md s.9), on simulated probes.
+
+Each check draws every domain's M chunk-mean gradients from a Gaussian model with a known mean gradient
+and noise, runs them through the same estimators, pooling and update the algorithm uses
+(:mod:`composer_pike.stats`, :mod:`composer_pike.weights`) with the product defaults, and follows the
+weights. The sizes are the demo's: batch b = 32, probes of 32 samples (M = 8 chunks of 4), noise scale
+sigma^2/G = 200 samples (G-hat's relative standard deviation per probe is about 1.5: a coin toss).
+
+The legacy rule (zetas re-calibrated at every check so the largest score is 0.3 nats) runs on the same
+probes as a power check: it wanders on noise, and the bounds below fail it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from composer_pike.algorithm import PiKE
+from composer_pike.stats import PooledStatistics, estimate_from_sums
+from composer_pike.weights import apply_scores, auto_zeta_ratio, default_min_weight, evidence_scores, pike_update
+
+DIM, NUM_CHUNKS, CHUNK_SIZE, BATCH = 200, 8, 4, 32
+DEFAULTS = PiKE()  # the product defaults: step_size, evidence_z, pool_decay, score_clip
+NULL_BOUND = 0.25  # nats: how far weights that should stay equal may drift apart
+DUPLICATE_BOUND = 0.3  # nats: |log(w_a / w_b)| of two copies of one domain
+
+
+def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False) -> np.ndarray:
+    """Weights after each check for domains with true G = ``grad_sq_norms`` (all with sigma^2 = 1, noise
+    spread over DIM directions; equal G means the same mean gradient, i.e. identical domains)."""
+    rng = np.random.default_rng(seed)
+    truth = np.asarray(grad_sq_norms, dtype=np.float64)
+    num_domains = truth.size
+    direction = rng.normal(size=DIM)
+    direction /= np.linalg.norm(direction)
+    means = np.sqrt(truth)[:, None] * direction  # identical domains share their mean gradient exactly
+    pooled = PooledStatistics(num_domains, decay=DEFAULTS.pool_decay)
+    log_weights = np.full(num_domains, -np.log(num_domains))
+    floor = default_min_weight(num_domains, BATCH)
+    history = []
+    for _ in range(num_checks):
+        chunks = means[:, None, :] + rng.normal(size=(num_domains, NUM_CHUNKS, DIM)) * np.sqrt(1 / DIM / CHUNK_SIZE)
+        chunk_norms = np.sum(chunks**2, axis=2)
+        grad, variance = (v.numpy() for v in estimate_from_sums(
+            np.sum(chunks.sum(1) ** 2, axis=1), chunk_norms.sum(1), num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE))
+        if legacy:
+            scores = grad - variance / (2 * BATCH)
+            zeta = 0.3 / np.abs(scores).max()
+            log_weights = pike_update(log_weights, grad, variance, zeta1=zeta, zeta2=zeta, batch_size=BATCH,
+                                      min_weight=0.05 / num_domains).log_weights
+        else:
+            pooled.update(np.arange(num_domains), grad, variance, chunk_norms, np.zeros(num_domains),
+                          num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE)
+            weights = np.exp(log_weights)
+            rho = auto_zeta_ratio(pooled.grad_sq_norms, pooled.per_sample_variances, weights, batch_size=BATCH)
+            scores = evidence_scores(
+                pooled.grad_sq_norms, pooled.per_sample_variances, pooled.grad_sq_var, pooled.variance_var,
+                pooled.covariance, weights, batch_size=BATCH, zeta_ratio=rho, step_size=DEFAULTS.step_size,
+                evidence_z=DEFAULTS.evidence_z, degrees_of_freedom=float(pooled.degrees_of_freedom.min()))
+            log_weights = apply_scores(log_weights, scores.scores, score_clip=DEFAULTS.score_clip,
+                                       min_weight=floor, reason=scores.reason).log_weights
+        history.append(np.exp(log_weights))
+    return np.array(history)
+
+
+NOISE_G = 1 / 200  # G of a domain at noise scale 200 (sigma^2 = 1)
+SEEDS = range(8)
+
+
+def log_spread(weights: np.ndarray) -> float:
+    """max_k |log(w_k / mean(w))|: how far a set of weights that should be equal has moved apart (nats)."""
+    return float(np.abs(np.log(weights / weights.mean())).max())
+
+
+@pytest.mark.parametrize('num_domains', [4, 8])
+def test_identical_domains_keep_uniform_weights(num_domains):
+    """One corpus split at random into K domains: after 24 checks every weight is within 0.25 nats of
+    1/K (a factor 1.28: at b = 32 and K = 4, at most two samples of a domain's eight per batch)."""
+    spreads = [log_spread(simulate([NOISE_G] * num_domains, 24, seed)[-1]) for seed in SEEDS]
+    legacy = [log_spread(simulate([NOISE_G] * num_domains, 24, seed, legacy=True)[-1]) for seed in SEEDS]
+    assert max(spreads) <= NULL_BOUND, spreads
+    assert np.median(legacy) > NULL_BOUND, legacy  # the legacy rule moves on noise, and this test sees it
+
+
+def test_a_domain_with_nothing_to_learn_sinks_to_the_floor():
+    """G = 0 (e.g. random characters): after 48 checks it is at most twice the floor, at the floor in most
+    runs, while the three identical learnable domains stay together (0.25 nats per 24 checks)."""
+    floor = default_min_weight(4, BATCH)
+    runs = [simulate([NOISE_G, NOISE_G, NOISE_G, 0.0], 48, seed)[-1] for seed in SEEDS]
+    sunk = [weights[3] for weights in runs]
+    assert max(sunk) <= 2 * floor and np.median(sunk) == pytest.approx(floor), sunk
+    # the null drift grows like the square root of the checks: twice the checks, sqrt(2) the bound
+    assert max(log_spread(weights[:3]) for weights in runs) <= NULL_BOUND * np.sqrt(2)
+    legacy = [simulate([NOISE_G, NOISE_G, NOISE_G, 0.0], 48, seed, legacy=True)[-1] for seed in SEEDS]
+    assert np.median([log_spread(weights[:3]) for weights in legacy]) > NULL_BOUND
+
+
+def test_duplicated_domains_get_equal_weights():
+    """Two copies of a strong domain beside a weak one: the copies take the mass and share it within 0.3 nats."""
+    runs = [simulate([3 * NOISE_G, 3 * NOISE_G, NOISE_G], 24, seed)[-1] for seed in SEEDS]
+    assert all(weights[:2].sum() > 0.8 for weights in runs)  # the weights did move ...
+    ratios = [abs(np.log(weights[0] / weights[1])) for weights in runs]
+    assert max(ratios) <= DUPLICATE_BOUND, ratios  # ... and the copies moved together
+    legacy = [simulate([3 * NOISE_G, 3 * NOISE_G, NOISE_G], 24, seed, legacy=True)[-1] for seed in SEEDS]
+    assert np.median([abs(np.log(weights[0] / weights[1])) for weights in legacy]) > DUPLICATE_BOUND
+
+
+def test_a_domain_with_a_clearly_larger_gradient_gains_weight():
+    """G three times the others': it gains weight at every check (never loses any to noise) and ends
+    above 0.5."""
+    for seed in SEEDS:
+        history = simulate([NOISE_G, NOISE_G, NOISE_G, 3 * NOISE_G], 24, seed)
+        assert history[-1, 3] > 0.5 and np.all(np.diff(history[:, 3]) >= -1e-12), history[:, 3]
+    legacy = [simulate([NOISE_G, NOISE_G, NOISE_G, 3 * NOISE_G], 24, seed, legacy=True) for seed in SEEDS]
+    assert sum(np.any(np.diff(history[:, 3]) < -1e-12) for history in legacy) > len(SEEDS) / 2
