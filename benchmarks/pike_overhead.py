@@ -31,9 +31,23 @@ peak RSS (VmHWM, reset just before ``fit``) on CPU, with glibc's mmap threshold 
 resident and peak RSS measures fragmentation), and ``torch.cuda.max_memory_allocated`` on CUDA
 (``--device gpu``); the gradient size in bytes is reported beside the difference.
 
+K = 64 phase (the paper's setting at many domains, from time inside PiKE): the same demo text
+cut into 64 equal slices, one domain each (``prepare_split_data``), a tiny model (``--k64-d-model``
+x ``--k64-n-layers``, ``--k64-seq-len`` tokens), the paper's training batch B = 256 and E = 256
+probe samples per probed domain in M = 8 chunks, and PiKE's default ``domains_per_check`` (None:
+min(K, 8) = 8 domains per check, least recently probed first). 1000 steps of B = 256 are too slow
+here, so checks are timed directly: a Mix run and PiKE runs that check every
+``--k64-check-interval`` steps (``--k64-checks`` checks in the timed steps), and the overhead at
+the paper's T0 = 1000 is 1 + (time inside PiKE per check) / (1000 x Mix time per training step).
+By sample count the default probes 8 x 256 = 2048 samples per 1000 x 256 = 256000 trained (0.8%);
+``domains_per_check = 64`` (every domain at every check, the old behaviour, 6.4%) is measured
+beside it for comparison.
+
 The last line printed is JSON: overhead_ratio (median PiKE / median Mix wall time of the timed
 steps), probe_fwd_bwd_per_check (extra forward+backward micro-batches per check, counted),
-peak_mem_ratio (median PiKE / median Mix peak memory, memory phase), then the absolute figures.
+peak_mem_ratio (median PiKE / median Mix peak memory, memory phase), overhead_ratio_k64 and
+overhead_ratio_k64_all_domains (K = 64 phase, at T0 = 1000, with k64_pike_ms_per_check,
+k64_pike_ms_per_check_all_domains and k64_step_ms behind them), then the absolute figures.
 """
 from __future__ import annotations
 
@@ -49,9 +63,10 @@ import tempfile
 import time
 from typing import Any, Callable
 
-PAPER_ESTIMATION_BATCH, PAPER_CHECK_INTERVAL, PAPER_BATCH = 256, 1000, 256
+PAPER_ESTIMATION_BATCH, PAPER_CHECK_INTERVAL, PAPER_BATCH, PAPER_NUM_CHUNKS = 256, 1000, 256, 8
+K64 = 64  # domains of the K = 64 phase
 WORKER_OPTIONS = ('d_model', 'n_layers', 'n_heads', 'batch', 'estimation_batch', 'num_chunks', 'check_interval',
-                  'checks', 'warmup', 'workers', 'threads', 'device')
+                  'checks', 'warmup', 'workers', 'threads', 'device', 'domains_per_check')
 
 
 def log(message: str) -> None:
@@ -71,6 +86,30 @@ def prepare_data(root: str, max_mb: float, seq_len: int) -> str:
 
     out = os.path.join(root, 'mds')
     domains = build_demo_corpus(os.path.join(root, 'raw'), max_mb_per_domain=max_mb)
+    prepare(domains, out, seq_len=seq_len, val_fraction=0.0, workers=1, progress=False)
+    return out
+
+
+def prepare_split_data(root: str, num_domains: int, max_mb: float, seq_len: int) -> str:
+    """The demo corpus's text cut into ``num_domains`` equal contiguous slices, one domain each, as
+    byte-tokenized MDS shards under ``root/mds_k<num_domains>``; returns the manifest directory."""
+    from streaming_prep.demo import build_demo_corpus
+    from streaming_prep.pipeline import prepare
+
+    texts = []
+    for path in build_demo_corpus(os.path.join(root, 'raw'), max_mb_per_domain=max_mb).values():
+        with open(path, encoding='utf-8') as f:
+            texts += [json.loads(line)['text'] for line in f]
+    text = '\n'.join(texts)
+    size = len(text) // num_domains
+    split = os.path.join(root, f'raw_k{num_domains}')
+    os.makedirs(split, exist_ok=True)
+    domains = {}
+    for k in range(num_domains):
+        domains[f'd{k:02d}'] = os.path.join(split, f'd{k:02d}.jsonl')
+        with open(domains[f'd{k:02d}'], 'w', encoding='utf-8') as f:
+            f.write(json.dumps({'text': text[k * size:(k + 1) * size]}) + '\n')
+    out = os.path.join(root, f'mds_k{num_domains}')
     prepare(domains, out, seq_len=seq_len, val_fraction=0.0, workers=1, progress=False)
     return out
 
@@ -158,7 +197,7 @@ def build_trainer(args: argparse.Namespace, policy: str, callbacks: list) -> Any
     algorithms: list[Any] = [GradientClipping(clipping_type='norm', clipping_threshold=1.0)]
     if policy == 'pike':
         algorithms.append(PiKE(check_interval=args.check_interval, estimation_batch_size=args.estimation_batch,
-                               num_chunks=args.num_chunks))
+                               num_chunks=args.num_chunks, domains_per_check=args.domains_per_check))
     return Trainer(model=model, train_dataloader=loader, algorithms=algorithms, callbacks=callbacks, loggers=[],
                    max_duration=f'{args.warmup + args.checks * args.check_interval}ba',
                    optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=1e-4),
@@ -219,11 +258,14 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spawn(args: argparse.Namespace, policy: str, env: dict[str, str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """One run in a fresh interpreter (``env`` added to its environment); returns its JSON result."""
+    """One run in a fresh interpreter (``env`` added to its environment); returns its JSON result.
+
+    ``overrides`` replace worker options (None: the worker's default) and may name other ``data``."""
     options = {**{key: getattr(args, key) for key in WORKER_OPTIONS}, **overrides}
-    command = [sys.executable, os.path.abspath(__file__), '--worker', policy, '--data', args.data]
+    command = [sys.executable, os.path.abspath(__file__), '--worker', policy, '--data', options.pop('data', args.data)]
     for key, value in options.items():
-        command += [f'--{key.replace("_", "-")}', str(value)]
+        if value is not None:
+            command += [f'--{key.replace("_", "-")}', str(value)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, **(env or {}), OMP_NUM_THREADS=str(options['threads']),
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')])))
@@ -250,8 +292,63 @@ def median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def k64_case(args: argparse.Namespace, root: str) -> dict[str, Any]:
+    """The K = 64 phase: Mix, PiKE (default domains_per_check) and PiKE (all 64 domains) runs that check
+    every ``--k64-check-interval`` steps; the overhead at T0 = 1000 from time inside PiKE per check."""
+    start = time.perf_counter()
+    data = prepare_split_data(root, K64, args.max_mb, args.k64_seq_len)
+    options = dict(data=data, d_model=args.k64_d_model, n_layers=args.k64_n_layers, batch=PAPER_BATCH,
+                   estimation_batch=PAPER_ESTIMATION_BATCH, num_chunks=PAPER_NUM_CHUNKS,
+                   check_interval=args.k64_check_interval, checks=args.k64_checks, warmup=1)
+    log(f'K = {K64} data ready in {time.perf_counter() - start:.0f} s; a check every {args.k64_check_interval} '
+        f'steps, {args.k64_checks} check(s) timed, {args.k64_reps} repetition(s)')
+    variants = {'mix': ('mix', None), 'pike': ('pike', None), 'pike_all_domains': ('pike', K64)}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for rep in range(args.k64_reps):  # alternating order, as in the other phases
+        for name in (list(variants) if rep % 2 == 0 else list(reversed(variants))):
+            policy, per_check = variants[name]
+            result = spawn(args, policy, domains_per_check=per_check, **options)
+            runs[name].append(result)
+            log(f'k64 rep {rep} {name}: {result["window_s"]:.2f} s wall timed ({result["window_steps"]} steps)'
+                + (f', in PiKE {result["window"]["pike_apply"]:.3f} s' if policy == 'pike' else ''))
+    steps = runs['mix'][0]['window_steps']
+    step_s, step_cpu_s = median(runs['mix'], 'window_s') / steps, median(runs['mix'], 'window_cpu_s') / steps
+    summary: dict[str, Any] = {'step_ms': 1e3 * step_s, 'step_cpu_ms': 1e3 * step_cpu_s}
+    for name in ('pike', 'pike_all_domains'):
+        in_pike = {key: statistics.median(r['window'][key] for r in runs[name]) / args.k64_checks
+                   for key in ('pike_apply', 'pike_apply_cpu', 'probe', 'probe_data', 'update')}
+        fwd_bwd = statistics.median(r['probe_fwd_bwd_per_check'] for r in runs[name])
+        domains = fwd_bwd / PAPER_NUM_CHUNKS  # one forward/backward per chunk (chunk 32 <= the micro-batch)
+        summary[name] = {
+            'overhead_ratio': 1 + in_pike['pike_apply'] / (PAPER_CHECK_INTERVAL * step_s),
+            'overhead_ratio_cpu_time': 1 + in_pike['pike_apply_cpu'] / (PAPER_CHECK_INTERVAL * step_cpu_s),
+            'pike_ms_per_check': {'pike_total': round(1e3 * in_pike['pike_apply'], 1),
+                                  'pike_total_cpu': round(1e3 * in_pike['pike_apply_cpu'], 1),
+                                  'probe_total': round(1e3 * in_pike['probe'], 1),
+                                  'probe_sample_reads': round(1e3 * in_pike['probe_data'], 1),
+                                  'update_total': round(1e3 * in_pike['update'], 1)},
+            'probe_fwd_bwd_per_check': fwd_bwd,
+            'domains_probed_per_check': domains,
+            'probe_over_trained_samples': domains * PAPER_ESTIMATION_BATCH / (PAPER_CHECK_INTERVAL * PAPER_BATCH),
+            # the same step time from the PiKE runs themselves (their timed steps less the time in PiKE)
+            'step_ms_in_pike_runs': 1e3 * statistics.median(
+                (r['window_s'] - r['window']['pike_apply']) / r['window_steps'] for r in runs[name]),
+            'timed_s_reps': [round(r['window_s'], 2) for r in runs[name]],
+        }
+    summary['mix_timed_s_reps'] = [round(r['window_s'], 2) for r in runs['mix']]
+    summary['config'] = {'domains': K64, 'batch': PAPER_BATCH, 'seq_len': args.k64_seq_len,
+                         'estimation_batch_per_domain': PAPER_ESTIMATION_BATCH, 'num_chunks': PAPER_NUM_CHUNKS,
+                         'ratio_at_check_interval': PAPER_CHECK_INTERVAL,
+                         'measured_check_interval': args.k64_check_interval, 'checks_timed': args.k64_checks,
+                         'timed_steps': steps, 'reps': args.k64_reps,
+                         'model': {'d_model': args.k64_d_model, 'n_layers': args.k64_n_layers,
+                                   'params': runs['mix'][0]['num_params']}}
+    summary['phase_wall_s'] = time.perf_counter() - start
+    return summary
+
+
 def summarise(timing: dict[str, list[dict[str, Any]]], memory: dict[str, list[dict[str, Any]]],
-              args: argparse.Namespace, num_domains: int) -> dict[str, Any]:
+              args: argparse.Namespace, num_domains: int, k64: dict[str, Any]) -> dict[str, Any]:
     mix, pike = timing['mix'], timing['pike']
     mix_s, mix_cpu_s = median(mix, 'window_s'), median(mix, 'window_cpu_s')
     in_pike = {key: statistics.median(r['window'][key] for r in pike) for key in pike[0]['window']}
@@ -273,6 +370,11 @@ def summarise(timing: dict[str, list[dict[str, Any]]], memory: dict[str, list[di
         'overhead_ratio': median(pike, 'window_s') / mix_s,
         'probe_fwd_bwd_per_check': statistics.median(r['probe_fwd_bwd_per_check'] for r in pike),
         'peak_mem_ratio': mem_pike / mem_mix,
+        'overhead_ratio_k64': k64['pike']['overhead_ratio'],
+        'overhead_ratio_k64_all_domains': k64['pike_all_domains']['overhead_ratio'],
+        'k64_pike_ms_per_check': k64['pike']['pike_ms_per_check']['pike_total'],
+        'k64_pike_ms_per_check_all_domains': k64['pike_all_domains']['pike_ms_per_check']['pike_total'],
+        'k64_step_ms': k64['step_ms'],
         'overhead_ratio_cpu_time': median(pike, 'window_cpu_s') / mix_cpu_s,
         'overhead_ratio_from_time_in_pike': (mix_s + in_pike['pike_apply']) / mix_s,
         'overhead_ratio_from_cpu_time_in_pike': (mix_cpu_s + in_pike['pike_apply_cpu']) / mix_cpu_s,
@@ -300,6 +402,7 @@ def summarise(timing: dict[str, list[dict[str, Any]]], memory: dict[str, list[di
         'config': {'domains': num_domains, 'batch': args.batch, 'seq_len': args.seq_len,
                    'estimation_batch_per_domain': args.estimation_batch, 'num_chunks': args.num_chunks,
                    'check_interval': args.check_interval, 'checks_timed': args.checks, 'warmup_steps': args.warmup,
+                   'domains_per_check': args.domains_per_check,
                    'probe_over_trained_samples': num_domains * args.estimation_batch
                    / (args.check_interval * args.batch),
                    'paper_probe_over_trained_samples': num_domains / PAPER_CHECK_INTERVAL,
@@ -310,6 +413,7 @@ def summarise(timing: dict[str, list[dict[str, Any]]], memory: dict[str, list[di
                    'reps': args.reps, 'mem_reps': args.mem_reps, 'workers': args.workers,
                    'memory_malloc': 'default' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=65536',
                    'torch_threads': args.threads, 'device': args.device, 'cpus': os.cpu_count()},
+        'k64': k64,
     }
 
 
@@ -330,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--mem-n-layers', type=int, default=4)
     parser.add_argument('--estimation-batch', type=int, default=8, help='probe samples E per domain per check')
     parser.add_argument('--num-chunks', type=int, default=4)
+    parser.add_argument('--domains-per-check', type=int,
+                        help="PiKE's domains_per_check (4-domain phases); default: PiKE's, min(K, 8)")
     parser.add_argument('--check-interval', type=int, help='default: the paper-scaled ceil(1000 E / B)')
     parser.add_argument('--workers', type=int, default=0, help='loader worker processes')
     parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads')
@@ -337,6 +443,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--default-malloc', action='store_true',
                         help="memory phase with glibc's default (dynamic) mmap threshold")
     parser.add_argument('--max-mb', type=float, default=1.0, help='text in the largest demo domain (MB)')
+    parser.add_argument('--k64-seq-len', type=int, default=32, help='K = 64 phase: tokens per sample')
+    parser.add_argument('--k64-d-model', type=int, default=32, help='K = 64 phase: model width')
+    parser.add_argument('--k64-n-layers', type=int, default=2)
+    parser.add_argument('--k64-check-interval', type=int, default=10,
+                        help='K = 64 phase: steps between the timed checks (the ratio is computed at T0 = 1000)')
+    parser.add_argument('--k64-checks', type=int, default=1, help='K = 64 phase: checks inside the timed steps')
+    parser.add_argument('--k64-reps', type=int, default=1, help='K = 64 phase: repetitions (per run kind)')
     parser.add_argument('--worker', choices=['mix', 'pike'], help=argparse.SUPPRESS)
     parser.add_argument('--data', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -346,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.check_interval = paper_check_interval(args.estimation_batch, args.batch)
     if not 1 <= args.warmup < args.check_interval:
         parser.error(f'--warmup must be in [1, check_interval = {args.check_interval}), got {args.warmup}')
+    if args.k64_check_interval < 2:
+        parser.error(f'--k64-check-interval must be >= 2 (its first step is untimed), got {args.k64_check_interval}')
     return args
 
 
@@ -368,7 +483,8 @@ def main() -> None:
         memory = alternating(args.mem_reps, lambda policy: spawn(
             args, policy, env=malloc, d_model=args.mem_d_model, n_layers=args.mem_n_layers, check_interval=2,
             checks=1, warmup=1), 'memory')
-        summary = summarise(timing, memory, args, num_domains)
+        k64 = k64_case(args, root)
+        summary = summarise(timing, memory, args, num_domains, k64)
     summary['benchmark_wall_s'] = time.perf_counter() - start
     log(json.dumps(summary, indent=1))
     print(json.dumps(summary))
