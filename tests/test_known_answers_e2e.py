@@ -1,0 +1,255 @@
+"""Known-answer mixtures end to end: real corpora through ``pike-prep``, real training through
+``python -m composer_pike.train`` with the shipped PiKE defaults (the counterpart of the simulated
+:mod:`test_known_answers`).
+
+The model, optimizer, batch and PiKE sizes (check_interval, estimation_batch_size, num_chunks) are
+``yamls/demo_cpu.yaml``'s; no other ``mixing.pike`` key is set. Runs are shortened to ``STEPS`` steps
+(at least 12 checks) and held-out evaluation is reduced to one batch at the end.
+
+Corpora are built from Python's own standard-library source (as :mod:`streaming_prep.demo` does),
+files assigned to domains by a seeded random draw:
+
+- null: one corpus split at random into 4 domains; every weight must stay within ``NULL_BOUND``
+  nats of 1/4 at every check.
+- planted: three random thirds of the stdlib plus one domain of uniformly random printable
+  characters (nothing to learn beyond the unigram distribution); it must end at (at most twice) the
+  weight floor and be the lowest weight from some check on.
+- duplicates: one stdlib domain whose shards are written twice under two names, beside C headers
+  and pydoc topics; the two copies' final weights must agree within ``DUPLICATE_BOUND`` nats.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from test_known_answers import DUPLICATE_BOUND, NULL_BOUND, log_spread
+
+from composer_pike.demo import read_metrics, run_training
+from composer_pike.weights import default_min_weight
+from streaming_prep.demo import _header_sources, _pydoc_sources, _stdlib_sources
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / 'yamls' / 'demo_cpu.yaml'
+DEMO = OmegaConf.load(CONFIG)
+BATCH = int(DEMO.data.global_batch_size)
+CHECK_INTERVAL = int(DEMO.mixing.pike.check_interval)
+SEQ_LEN = 128  # the demo corpus's (composer_pike.demo --seq-len default)
+STEPS = 300
+MIN_CHECKS = 12
+DOMAIN_BYTES = 1 << 20  # UTF-8 text per domain: no domain repeats within STEPS at these weights
+MAX_DOCUMENT_BYTES = 64 << 10  # leave out the few huge stdlib files, so a random draw mixes the domains well
+MIN_DOCUMENT_BYTES = 512  # and the near-empty ones (__init__.py), so every val split holds a full sample
+RANDOM_DOCUMENT_CHARS = 16 << 10
+VAL_FRACTION = 0.02
+
+
+# ----------------------------------------------------------------------------------------- corpora
+
+
+def write_jsonl(path: Path, texts: list[str]) -> str:
+    with open(path, 'w', encoding='utf-8') as f:
+        for text in texts:
+            f.write(json.dumps({'text': text}) + '\n')
+    return str(path)
+
+
+def random_split(documents: list[str], num_domains: int, seed: int, cap_bytes: int = DOMAIN_BYTES) -> list[list[str]]:
+    """Each document (in a seeded shuffled order) goes to a domain drawn uniformly at random, until every
+    domain holds ``cap_bytes`` of text (a document drawn for a full domain is left out)."""
+    rng = random.Random(seed)
+    order = list(documents)
+    rng.shuffle(order)
+    domains: list[list[str]] = [[] for _ in range(num_domains)]
+    sizes = [0] * num_domains
+    for text in order:
+        k = rng.randrange(num_domains)
+        if sizes[k] < cap_bytes:
+            domains[k].append(text)
+            sizes[k] += len(text.encode('utf-8'))
+        if min(sizes) >= cap_bytes:
+            break
+    assert min(sizes) >= cap_bytes, f'the standard library is too small for {num_domains} x {cap_bytes} bytes'
+    return domains
+
+
+def random_characters(total_bytes: int, seed: int) -> list[str]:
+    """Documents of characters drawn independently and uniformly from ``string.printable``."""
+    rng = random.Random(seed)
+    return [''.join(rng.choices(string.printable, k=RANDOM_DOCUMENT_CHARS))
+            for _ in range(-(-total_bytes // RANDOM_DOCUMENT_CHARS))]
+
+
+def pike_prep(inputs: dict[str, str], out: Path) -> dict:
+    """The pike-prep CLI with the byte tokenizer and the demo's seq_len; returns the manifest."""
+    command = [sys.executable, '-m', 'streaming_prep', '--out', str(out), '--tokenizer', 'byte',
+               '--seq-len', str(SEQ_LEN), '--val-fraction', str(VAL_FRACTION), '--seed', '0']
+    for name, path in inputs.items():
+        command += ['--domain', f'{name}={path}']
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    print(done.stdout, end='')
+    manifest = json.loads((out / 'manifest.json').read_text())
+    for name, info in manifest['domains'].items():
+        assert all(split['samples'] > 0 for split in info['splits'].values()), (name, info['splits'])
+    return manifest
+
+
+@pytest.fixture(scope='module')
+def stdlib_documents() -> list[str]:
+    """The standard library's .py files (sorted path order, as in the demo) of 512 B to 64 KiB."""
+    return [text for _, text in _stdlib_sources()
+            if MIN_DOCUMENT_BYTES <= len(text.encode('utf-8')) <= MAX_DOCUMENT_BYTES]
+
+
+@pytest.fixture(scope='module')
+def null_corpus(tmp_path_factory, stdlib_documents) -> Path:
+    raw = tmp_path_factory.mktemp('null-raw')
+    parts = random_split(stdlib_documents, 4, seed=0)
+    inputs = {f'part{k}': write_jsonl(raw / f'part{k}.jsonl', texts) for k, texts in enumerate(parts)}
+    out = tmp_path_factory.mktemp('null') / 'data'
+    pike_prep(inputs, out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def planted_corpus(tmp_path_factory, stdlib_documents) -> Path:
+    raw = tmp_path_factory.mktemp('planted-raw')
+    parts = random_split(stdlib_documents, 3, seed=1)
+    inputs = {f'third{k}': write_jsonl(raw / f'third{k}.jsonl', texts) for k, texts in enumerate(parts)}
+    inputs['random_chars'] = write_jsonl(raw / 'random_chars.jsonl', random_characters(DOMAIN_BYTES, seed=1))
+    out = tmp_path_factory.mktemp('planted') / 'data'
+    pike_prep(inputs, out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def duplicate_corpus(tmp_path_factory, stdlib_documents) -> Path:
+    """copy_a and copy_b: the same shards (copy_a's directory copied), beside C headers and pydoc topics."""
+    raw = tmp_path_factory.mktemp('duplicate-raw')
+    (stdlib,) = random_split(stdlib_documents, 1, seed=2)
+    inputs = {'copy_a': write_jsonl(raw / 'copy_a.jsonl', stdlib),
+              'c_headers': write_jsonl(raw / 'c_headers.jsonl', [t for _, t in _header_sources() if t.strip()]),
+              'pydoc_topics': write_jsonl(raw / 'pydoc_topics.jsonl', [t for _, t in _pydoc_sources() if t.strip()])}
+    out = tmp_path_factory.mktemp('duplicate') / 'data'
+    manifest = pike_prep(inputs, out)
+    shutil.copytree(out / 'copy_a', out / 'copy_b')
+    copy_b = json.loads(json.dumps(manifest['domains']['copy_a']))
+    for split in copy_b['splits'].values():
+        split['path'] = split['path'].replace('copy_a/', 'copy_b/', 1)
+    domains = manifest['domains']
+    manifest['domains'] = {'copy_a': domains['copy_a'], 'copy_b': copy_b,
+                           **{name: info for name, info in domains.items() if name != 'copy_a'}}
+    (out / 'manifest.json').write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def train(manifest: Path, run_dir: Path, name: str) -> dict[str, list[tuple[int, float]]]:
+    """The demo's model and PiKE defaults for STEPS steps; the run's metrics.jsonl as series."""
+    overrides = [f'data.manifest={manifest}', 'mixing.policy=pike', f'run_name=known-answer-{name}',
+                 f'trainer.max_duration={STEPS}ba', f'trainer.eval_interval={100 * STEPS}ba',
+                 'data.eval_max_batches=1']
+    start = time.monotonic()
+    run_training(str(CONFIG), str(run_dir), overrides, echo=False)
+    print(f'[{name}] trained {STEPS} steps in {time.monotonic() - start:.0f} s')
+    return read_metrics(str(run_dir / 'metrics.jsonl'))
+
+
+def weight_history(series: dict, domains: list[str]) -> tuple[list[int], np.ndarray]:
+    """(steps, weights[check, domain]) of the logged ``pike/weight/<d>``."""
+    steps = [step for step, _ in series[f'pike/weight/{domains[0]}']]
+    for d in domains:
+        assert [step for step, _ in series[f'pike/weight/{d}']] == steps, d
+    weights = np.array([[value for _, value in series[f'pike/weight/{d}']] for d in domains]).T
+    assert len(steps) >= MIN_CHECKS, f'only {len(steps)} checks logged'
+    return steps, weights
+
+
+def report(name: str, series: dict, domains: list[str], steps: list[int], weights: np.ndarray) -> None:
+    """Weights per check, then the last check's statistics per domain."""
+    skipped = [step for step, value in series.get('pike/skipped', []) if value]
+    print(f'[{name}] weights per check (skipped checks: {skipped or "none"})')
+    print('  step  ' + ' '.join(f'{d:>13}' for d in domains))
+    for step, row in zip(steps, weights):
+        print(f'  {step:4d}  ' + ' '.join(f'{w:13.4f}' for w in row))
+    print(f'[{name}] last check (step {steps[-1]}):')
+    for key in ('zeta_ratio', 'critical_z'):
+        if f'pike/{key}' in series:
+            print(f'  pike/{key} = {series[f"pike/{key}"][-1][1]:.4g}')
+    print(f'  {"domain":>13} {"advantage":>11} {"advantage_se":>13} {"noise_scale":>12} {"score":>9} '
+          f'{"pooled G":>10} {"probe_loss":>10}')
+    for d in domains:
+        def last(metric: str) -> float:
+            values = series.get(f'pike/{metric}/{d}')
+            return values[-1][1] if values else float('nan')
+        print(f'  {d:>13} {last("advantage"):11.4g} {last("advantage_se"):13.4g} {last("noise_scale"):12.4g} '
+              f'{last("score"):9.4f} {last("pooled/grad_sq_norm"):10.4g} {last("probe_loss"):10.4f}')
+
+
+def domain_names(manifest: Path) -> list[str]:
+    return list(json.loads((manifest / 'manifest.json').read_text())['domains'])
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_setup_has_enough_checks():
+    assert STEPS // CHECK_INTERVAL >= MIN_CHECKS
+
+
+def test_null_mixture_keeps_uniform_weights(null_corpus, tmp_path):
+    """One corpus split at random into 4 domains: every weight within NULL_BOUND nats of 1/4 at every check."""
+    domains = domain_names(null_corpus)
+    series = train(null_corpus, tmp_path / 'run', 'null')
+    steps, weights = weight_history(series, domains)
+    report('null', series, domains, steps, weights)
+    deviation = np.abs(np.log(len(domains) * weights))
+    worst = np.unravel_index(np.argmax(deviation), deviation.shape)
+    print(f'[null] max |log(4 w)| = {deviation.max():.4f} nats (domain {domains[worst[1]]} at step '
+          f'{steps[worst[0]]}; bound {NULL_BOUND}); final log spread {log_spread(weights[-1]):.4f}')
+    assert deviation.max() <= NULL_BOUND
+
+
+def test_random_characters_sink_to_the_floor(planted_corpus, tmp_path):
+    """Three random thirds of the stdlib and uniformly random characters: the random domain ends at (at
+    most twice) the floor and is the lowest weight from some check on."""
+    domains = domain_names(planted_corpus)
+    sunk = domains.index('random_chars')
+    series = train(planted_corpus, tmp_path / 'run', 'planted')
+    steps, weights = weight_history(series, domains)
+    report('planted', series, domains, steps, weights)
+    floor = default_min_weight(len(domains), BATCH)
+    others = np.delete(weights, sunk, axis=1)
+    lowest = weights[:, sunk] <= others.min(axis=1)
+    since = next((c for c in range(len(steps)) if lowest[c:].all()), None)
+    print(f'[planted] random_chars trajectory: {" ".join(f"{w:.4f}" for w in weights[:, sunk])}')
+    print(f'[planted] floor {floor:.5f}; final {weights[-1, sunk]:.5f} ({weights[-1, sunk] / floor:.2f} x floor); '
+          f'lowest from check {since} (step {steps[since] if since is not None else None}) on; '
+          f'log spread of the three thirds at the end {log_spread(others[-1]):.4f}')
+    assert weights[-1, sunk] <= 2 * floor
+    assert since is not None
+
+
+def test_duplicated_domain_copies_share_weight(duplicate_corpus, tmp_path):
+    """Identical shards under two names beside two other domains: the copies end within DUPLICATE_BOUND nats."""
+    domains = domain_names(duplicate_corpus)
+    a, b = domains.index('copy_a'), domains.index('copy_b')
+    series = train(duplicate_corpus, tmp_path / 'run', 'duplicates')
+    steps, weights = weight_history(series, domains)
+    report('duplicates', series, domains, steps, weights)
+    ratios = np.log(weights[:, a] / weights[:, b])
+    print(f'[duplicates] log(w_copy_a / w_copy_b) per check: {" ".join(f"{r:+.4f}" for r in ratios)}')
+    print(f'[duplicates] final |log ratio| {abs(ratios[-1]):.4f} (bound {DUPLICATE_BOUND}); '
+          f'copies together {weights[-1, a] + weights[-1, b]:.4f}')
+    assert abs(ratios[-1]) <= DUPLICATE_BOUND
