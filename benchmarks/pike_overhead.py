@@ -16,7 +16,7 @@ not exceed it, ceil(1000 E / B). The probe chunk E / M is B / 8 samples, as in t
 
 Time phase (tiny model): every run is its own subprocess and the runs alternate mix, pike,
 pike, mix, ... for ``--reps`` repetitions. ``--warmup`` steps are skipped (they hold the first
-check and its zeta calibration, reported separately), then ``--checks * T0`` steps are timed from
+check and the first pooling of statistics, reported separately), then ``--checks * T0`` steps are timed from
 BATCH_END to BATCH_END, so they hold exactly ``--checks`` checks. Wall time and the main process's
 CPU time are both recorded (with the default ``--workers 0`` loading is in that process too). A
 stopwatch in the PiKE runs measures the time spent inside PiKE (wall and CPU) and splits it into
