@@ -37,6 +37,8 @@ from composer_pike.demo import read_metrics, run_training
 from composer_pike.weights import default_min_weight
 from streaming_prep.demo import _header_sources, _pydoc_sources, _stdlib_sources
 
+# Each test trains 300 steps (about 1.5 min idle); under load one took 845 s, near pytest's 900 s default.
+pytestmark = pytest.mark.timeout(3600)
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / 'yamls' / 'demo_cpu.yaml'
 DEMO = OmegaConf.load(CONFIG)
