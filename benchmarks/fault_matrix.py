@@ -118,7 +118,8 @@ def dummy_credentials() -> Iterator[None]:
 
 def object_store_faults(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
     """Flaky reads with 0 and 2 workers (samples lost/repeated against the fault-free read), then a
-    shard that stays unavailable (must end the read with an error naming domain, shard and remote)."""
+    shard that stays unavailable (must end the read that needs it with an error naming domain, shard
+    and remote; a read that never reaches it must yield the fault-free batches)."""
     from crash_helpers import count_lost_and_repeated
     from s3_faults import SIZES, flaky_read, moto_server, s3_client, unavailable_read
 
@@ -139,12 +140,16 @@ def object_store_faults(args: argparse.Namespace, scratch: Path) -> ScenarioResu
             repeated += sum(c["repeated"] for c in per_domain.values())
             if steps != expected:
                 failures.append(f"flaky read, {workers} workers: other samples than the fault-free read")
-        result = unavailable_read(scratch / "unavailable", client, endpoint)
+        result = unavailable_read(scratch / "unavailable", client, endpoint, needed=True)
         error = str(result["outcome"].get("error", ""))
         named = all(part in error for part in ("domain 'forums'", result["shard"], result["remote"]))
         details.append(f"unavailable shard: {dict(result['counts'])}")
         if not named or result["cached"] or isinstance(result["outcome"].get("error"), AssertionError):
             failures.append(f"unavailable shard: outcome {result['outcome']}, cached {result['cached']}")
+        result = unavailable_read(scratch / "unneeded", client, endpoint, needed=False)
+        details.append(f"unavailable shard never read: {dict(result['counts'])}")
+        if result["outcome"].get("value") != result["expected"] or not any(result["shard"] in e for e in result["prefetch_failed"]):
+            failures.append(f"unavailable shard never read: outcome {result['outcome']}")
     return ScenarioResult(not failures, "; ".join(details), tuple(failures),
                           samples_lost=lost, samples_repeated=repeated)
 

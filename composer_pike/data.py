@@ -30,7 +30,8 @@ import re
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -427,25 +428,56 @@ class MixtureDataset(Dataset):
         Marks the shard failed in streaming's shared state, so that readers in every process that
         wait for it stop waiting and fail too instead of hanging, and none of them reads it.
         """
-        ds = self.streaming
-        domain = int(ds.stream_per_shard[shard_id])
-        already = ds._shard_states[shard_id] == SHARD_FAILED
+        already = self.streaming._shard_states[shard_id] == SHARD_FAILED
         if already and shard_id in self._failures:
             return RuntimeError(self._failures[shard_id])
-        source = self.sources[domain]
-        raw_info, zip_info = ds.shards[shard_id].file_pairs[0]
         cause = 'it failed to download or verify earlier in this run' if already else str(error)
-        message = (f"domain '{source.name}': shard {(zip_info or raw_info).basename} of "
-                   f'{source.remote or source.local} cannot be read: {cause}')
+        message = self.describe_shard_failure(shard_id, cause)
         self._failures.setdefault(shard_id, message)
+        self._leave_preparing(shard_id, SHARD_FAILED)
+        return RuntimeError(message)
+
+    def describe_shard_failure(self, shard_id: int, cause: str) -> str:
+        """One line naming the domain, the shard file and the remote (or local) directory."""
+        ds = self.streaming
+        source = self.sources[int(ds.stream_per_shard[shard_id])]
+        raw_info, zip_info = ds.shards[shard_id].file_pairs[0]
+        return (f"domain '{source.name}': shard {(zip_info or raw_info).basename} of "
+                f'{source.remote or source.local} cannot be read: {cause}')
+
+    def release_failed_prefetch(self, shard_id: int) -> None:
+        """Hand a shard whose background download failed back to the readers.
+
+        The shard returns to streaming's REMOTE state, so a reader that needs it downloads it
+        itself (waiting readers wake up and do so) and fails with :meth:`shard_failure` if it still
+        cannot: a shard fails the run exactly when the run reads it, whatever the timing of the
+        prefetcher, and a shard the run never reads never fails it.
+        """
+        from streaming.base.dataset import _ShardState
+        self._leave_preparing(shard_id, _ShardState.REMOTE)
+
+    def _leave_preparing(self, shard_id: int, state: int) -> None:
+        """Move a shard left PREPARING by a failed download to ``state``, under streaming's cache lock."""
         from filelock import FileLock
         from streaming.base.dataset import _ShardState
+        ds = self.streaming
         if not hasattr(ds, '_cache_filelock'):  # streaming creates it lazily, as here
             ds._cache_filelock = FileLock(ds._cache_filelock_path)
         with ds._cache_filelock:
-            if ds._shard_states[shard_id] == _ShardState.PREPARING:  # left so by the failed download
-                ds._shard_states[shard_id] = SHARD_FAILED
-        return RuntimeError(message)
+            if ds._shard_states[shard_id] == _ShardState.PREPARING:
+                ds._shard_states[shard_id] = state
+
+    def reset_object_store_clients(self, worker_id: int = 0) -> None:
+        """Give every stream a fresh downloader (a DataLoader ``worker_init_fn``).
+
+        A forked worker inherits the main process's object-store clients together with their open
+        keep-alive connections; a request sent on a socket the main process also uses can read the
+        main process's response as its own (a shard file that holds an HTTP header). Fresh
+        downloaders open their own connections on first use.
+        """
+        from streaming.base.storage.download import CloudDownloader
+        for stream in self.streaming.streams:
+            stream._downloader = CloudDownloader.get(stream.remote)
 
     # ---- the control surface -----------------------------------------------------------------
 
@@ -560,9 +592,10 @@ class ShardPrefetcher:
     """Downloads the shards each remote domain will read in the next ``horizon`` steps, in threads.
 
     Only domains whose read position has moved past what was already requested do any work, so the
-    per-step cost is one vectorized comparison over K. A shard that fails to download or verify is
-    marked failed (see :meth:`MixtureDataset.shard_failure`) and its error kept in ``failure``,
-    which the sampler raises before planning the next batch.
+    per-step cost is one vectorized comparison over K. Prefetching only saves time: a shard that
+    fails to download or verify here is logged, kept in ``failed`` (shard id -> error) and handed
+    back to the readers (:meth:`MixtureDataset.release_failed_prefetch`), which end the run when,
+    and only when, they need it and cannot read it either.
     """
 
     def __init__(self, dataset: MixtureDataset, horizon_steps: int, threads: int = 4) -> None:
@@ -575,7 +608,8 @@ class ShardPrefetcher:
             if self.remote.any() else None
         self.sample_offsets = dataset.streaming.sample_offset_per_stream
         self.shard_starts = dataset.streaming.sample_offset_per_shard  # first dataset sample id of every shard
-        self.failure: RuntimeError | None = None
+        self.failed: dict[int, str] = {}
+        self._in_flight: list[Future] = []
 
     def after_plan(self, planner: MixturePlanner, counts: np.ndarray) -> None:
         if self.pool is None:
@@ -583,24 +617,29 @@ class ShardPrefetcher:
         position = planner.epochs * planner.domain_sizes + planner.cursors  # samples read, all passes
         ahead = position + counts * self.horizon_steps
         stale = np.flatnonzero(self.remote & (ahead > self.requested_until))
+        if stale.size:
+            self._in_flight = [f for f in self._in_flight if not f.done()]
         for k in stale:
             ids = self.sample_offsets[k] + planner.upcoming_samples(k, int(counts[k]) * self.horizon_steps + 1)
             for shard in np.unique(np.searchsorted(self.shard_starts, ids, side='right') - 1).tolist():
                 if shard not in self.requested:
                     self.requested.add(shard)
-                    self.pool.submit(self._prepare, shard)
+                    self._in_flight.append(self.pool.submit(self._prepare, shard))
             self.requested_until[k] = ahead[k]
+
+    def wait(self) -> None:
+        """Block until every download requested so far has finished or failed."""
+        futures_wait(self._in_flight)
 
     def _prepare(self, shard: int) -> None:
         """Start downloading ``shard``; never wait on a download someone else is doing."""
         try:
             self.dataset.streaming.prepare_shard(shard, blocking=False)
         except Exception as error:
-            failure = self.dataset.shard_failure(shard, error)
-            log.error('prefetch failed: %s', failure)
-            if self.failure is None:
-                self.failure = failure
-                self.pool.shutdown(wait=False, cancel_futures=True)  # the sampler ends the run now
+            message = self.dataset.describe_shard_failure(shard, str(error))
+            self.failed[shard] = message
+            log.warning('prefetch failed, left to the readers: %s', message)
+            self.dataset.release_failed_prefetch(shard)
 
 
 class MixtureBatchSampler(DistributedSampler):
@@ -634,8 +673,6 @@ class MixtureBatchSampler(DistributedSampler):
         self._rewind()
         epoch_end = (self.consumed // self.steps_per_epoch + 1) * self.steps_per_epoch
         while self.planner.step < epoch_end:
-            if self.prefetcher is not None and self.prefetcher.failure is not None:
-                raise self.prefetcher.failure
             self._snapshots[self.planner.step] = self.planner.state_dict(include_schedule=False)
             batch = self.planner.plan_next()
             if batch is None:
@@ -760,4 +797,5 @@ def build_mixture_dataloader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=dataset.reset_object_store_clients if num_workers > 0 else None,
     )

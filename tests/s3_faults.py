@@ -99,7 +99,7 @@ class FaultyS3Proxy:
         self.upstream = urlsplit(upstream)
         self.plan = plan
         self.counts: Counter[str] = Counter()
-        self._gets: Counter[str] = Counter()   # GETs seen per key
+        self.gets: Counter[str] = Counter()   # GETs seen per key
         self._streak: Counter[str] = Counter()  # consecutive faults per key
         self._lock = threading.Lock()
         proxy = self
@@ -133,8 +133,8 @@ class FaultyS3Proxy:
         if method != 'GET' or not key:
             return None
         with self._lock:
-            fault = self.plan.fault_for(key, self._gets[key])
-            self._gets[key] += 1
+            fault = self.plan.fault_for(key, self.gets[key])
+            self.gets[key] += 1
             if fault is not None and self._streak[key] >= self.plan.max_consecutive:
                 fault = None
             self._streak[key] = self._streak[key] + 1 if fault else 0
@@ -300,8 +300,8 @@ def flaky_read(workdir: Path, client: Any, upstream: str, num_workers: int, plan
                timeout: float = 240) -> dict[str, Any]:
     """Reads STEPS batches from S3 through ``plan``'s faults and from the local copies without any.
 
-    Returns ``{'expected', 'outcome', 'counts'}``: the fault-free batches, :func:`in_thread`'s outcome
-    of the faulty read and the proxy's fault counts.
+    Returns ``{'expected', 'outcome', 'counts', 'gets'}``: the fault-free batches, :func:`in_thread`'s
+    outcome of the faulty read, the proxy's fault counts and its GETs per object key.
     """
     remotes = upload_domains(client, workdir, f'pike-flaky-{num_workers}')
     local = MixtureDataset([DomainSource(f'd{k}', str(workdir / 'data' / f'd{k}')) for k in range(len(SIZES))])
@@ -311,23 +311,37 @@ def flaky_read(workdir: Path, client: Any, upstream: str, num_workers: int, plan
     with FaultyS3Proxy(upstream, plan) as proxy, s3_endpoint(proxy.endpoint_url):
         outcome = in_thread(lambda: read_steps(MixtureDataset(sources, validate_hash='xxh64', download_retry=3,
                                                               download_timeout=10), num_workers), timeout)
-    return {'expected': expected, 'outcome': outcome, 'counts': proxy.counts}
+    return {'expected': expected, 'outcome': outcome, 'counts': proxy.counts, 'gets': proxy.gets}
 
 
-def unavailable_read(workdir: Path, client: Any, upstream: str, timeout: float = 240) -> dict[str, Any]:
-    """Reads from S3 with 10% of GETs failing and d1 ('forums')'s second shard answered 503 for good.
+def unavailable_read(workdir: Path, client: Any, upstream: str, needed: bool, timeout: float = 240) -> dict[str, Any]:
+    """Reads STEPS batches from S3 with 10% of GETs failing and one shard of d1 ('forums') answered 503
+    for good: a shard the read ``needed`` (it holds samples the fault-free read yields), or one that
+    the prefetcher asks for (it lies in forums' first pass) but the read never reaches.
 
-    Returns ``{'outcome', 'counts', 'remote', 'shard', 'cached'}``: :func:`in_thread`'s outcome, the
-    proxy's counts, the domain's remote, the shard's remote file name and what of it reached the cache.
+    Returns ``{'outcome', 'expected', 'counts', 'remote', 'shard', 'cached', 'prefetch_failed'}``:
+    :func:`in_thread`'s outcome, the fault-free batches, the proxy's counts, the domain's remote, the
+    shard's remote file name, what of it reached the cache and the prefetcher's errors, taken after
+    its downloads in flight have ended.
     """
-    remotes = upload_domains(client, workdir, 'pike-unavailable')
+    remotes = upload_domains(client, workdir, f'pike-unavailable-{"needed" if needed else "unneeded"}')
+    names = ['web', 'forums', 'books']
+    local = MixtureDataset([DomainSource(name, str(workdir / 'data' / f'd{k}')) for k, name in enumerate(names)])
+    expected = read_steps(local, num_workers=0)
+    read = {index for batch in expected for domain, index in batch if domain == 1}
     with open(workdir / 'data' / 'd1' / 'index.json') as f:
-        shard = json.load(f)['shards'][1]['zip_data']['basename']  # samples 5-9 of d1
+        shards = json.load(f)['shards']
+    starts = np.cumsum([0] + [s['samples'] for s in shards])
+    candidates = [s['zip_data']['basename'] for s, a, b in zip(shards, starts, starts[1:])
+                  if bool(read & set(range(a, b))) == needed]
+    shard = candidates[len(candidates) // 2]  # one read in mid-run (or skipped), not at the start
     plan = FaultPlan(error_rate=0.1, seed=5, unavailable=(f'mix/d1/{shard}',))
-    sources = [DomainSource(name, str(workdir / 'cache' / name), remote=remote)
-               for name, remote in zip(['web', 'forums', 'books'], remotes)]
+    sources = [DomainSource(name, str(workdir / 'cache' / name), remote=remote) for name, remote in zip(names, remotes)]
     with FaultyS3Proxy(upstream, plan) as proxy, s3_endpoint(proxy.endpoint_url):
         dataset = MixtureDataset(sources, validate_hash='xxh64', download_retry=2, download_timeout=5)
         outcome = in_thread(lambda: read_steps(dataset, num_workers=2), timeout)
+        prefetcher = dataset.sampler.prefetcher
+        in_thread(prefetcher.wait, timeout)
     cached = sorted(p.name for p in (workdir / 'cache' / 'forums').iterdir() if p.name.startswith(shard))
-    return {'outcome': outcome, 'counts': proxy.counts, 'remote': remotes[1], 'shard': shard, 'cached': cached}
+    return {'outcome': outcome, 'expected': expected, 'counts': proxy.counts, 'remote': remotes[1], 'shard': shard,
+            'cached': cached, 'prefetch_failed': sorted(prefetcher.failed.values())}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from s3_faults import FLAKY, FaultyS3Proxy, flaky_read, unavailable_read
+from s3_faults import FLAKY, FaultPlan, FaultyS3Proxy, flaky_read, unavailable_read
 from test_data import upload_tree
 from test_train import DOMAINS, run, uninterrupted, write_manifest  # noqa: F401 (uninterrupted is a fixture)
 
@@ -31,16 +31,45 @@ def test_reads_through_a_flaky_object_store_yield_exactly_the_fault_free_samples
         assert 'does not match its xxh64 hash (download 1 of 3)' in caplog.text
 
 
+def test_workers_never_share_the_main_process_object_store_connections(s3_server, tmp_path, caplog):
+    """DataLoader workers are forked after the main process has fetched indexes (and prefetches in
+    threads) over keep-alive connections. A worker reusing an inherited connection reads responses
+    meant for the main process: shard files holding HTTP headers, re-downloaded after their hash
+    check fails. With its own connections every shard file is fetched exactly once from a clean store."""
+    with caplog.at_level(logging.WARNING, logger='composer_pike.data'):
+        result = flaky_read(tmp_path, s3_server.client(), s3_server.endpoint_url, num_workers=2, plan=FaultPlan())
+    assert result['outcome'].get('value') == result['expected'], result['outcome']
+    assert 'does not match' not in caplog.text
+    shard_gets = {key: n for key, n in result['gets'].items() if key.endswith(('.mds', '.mds.zstd'))}
+    assert shard_gets and set(shard_gets.values()) == {1}, shard_gets
+
+
 def test_a_shard_that_stays_unavailable_ends_the_read_naming_domain_shard_and_remote(s3_server, tmp_path):
-    result = unavailable_read(tmp_path, s3_server.client(), s3_server.endpoint_url)
+    """Whether the prefetcher or a reader meets the shard first, the read that needs it fails, never hangs."""
+    result = unavailable_read(tmp_path, s3_server.client(), s3_server.endpoint_url, needed=True)
     outcome = result['outcome']
     assert 'hung' not in outcome, outcome
     error = outcome.get('error')
-    assert error is not None, 'every step was read although a shard was unavailable'
+    assert error is not None, 'every step was read although a shard it needs was unavailable'
     assert not isinstance(error, AssertionError), f'wrong samples were yielded: {error}'
     for part in ("domain 'forums'", result['shard'], result['remote']):
         assert part in str(error), f'the error does not name {part}: {error!r}'
     assert result['counts']['unavailable'] >= 2  # retried before giving up
+    assert result['cached'] == []
+
+
+def test_an_unavailable_shard_the_read_never_reaches_fails_only_its_prefetch(s3_server, tmp_path):
+    """The prefetcher asks for the shard (it is within its horizon) and fails; the read, which never
+    needs it, yields exactly the fault-free batches."""
+    result = unavailable_read(tmp_path, s3_server.client(), s3_server.endpoint_url, needed=False)
+    outcome = result['outcome']
+    assert 'value' in outcome, outcome
+    assert outcome['value'] == result['expected']
+    failures = [error for error in result['prefetch_failed'] if result['shard'] in error]
+    assert failures, f'the prefetcher never failed on the shard: {result["prefetch_failed"]}'
+    for part in ("domain 'forums'", result['remote']):
+        assert part in failures[0], f'the prefetch failure does not name {part}: {failures[0]}'
+    assert result['counts']['unavailable'] >= 1
     assert result['cached'] == []
 
 
