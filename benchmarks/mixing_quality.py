@@ -79,6 +79,7 @@ results.png and pike_stats.png.
     .venv/bin/python benchmarks/mixing_quality.py --quick --policies mix pike --seeds 0 1 2 3 4 5 6 7
     .venv/bin/python benchmarks/mixing_quality.py --quick --policies random round_robin balanced_pike_tau1
     .venv/bin/python benchmarks/mixing_quality.py --quick --summarize   # re-read OUT/runs and report, no training
+    .venv/bin/python benchmarks/mixing_quality.py --quick --policies pike --reuse mix  # retrain PiKE only
     .venv/bin/python benchmarks/mixing_quality.py --data DIR/manifest.json --quick -- optimizer.lr=1e-3
 """
 from __future__ import annotations
@@ -685,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--steps', type=int, help='training steps per run (default: the setting\'s)')
     parser.add_argument('--summarize', action='store_true',
                         help='do not train: re-read OUT/runs/<policy>/seed<s> (metrics.jsonl, console.log) and report')
+    parser.add_argument('--reuse', nargs='+', default=[], choices=list(POLICIES), metavar='POLICY',
+                        help='re-read these policies\' runs from OUT/runs instead of training them (e.g. mix, '
+                             'when only PiKE changed)')
     parser.add_argument('--echo', action='store_true', help='show the training logs')
     parser.add_argument('overrides', nargs='*', help='key=value overrides for every run, after the setting\'s')
     args = parser.parse_args(argv)
@@ -706,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*setting.overrides, *POLICIES[name], f'data.manifest={data}', f'run_name=mq-{name}-{seed}',
                          f'seed={seed}', f'trainer.max_duration={steps}ba', 'trainer.console_log_interval=1ba',
                          'trainer.progress_bar=false', *args.overrides]
-            if args.summarize:
+            if args.summarize or name in args.reuse:
                 lines = read_console(os.path.join(run_dir, 'console.log'))
             else:
                 print(f'[{time.monotonic() - started:6.0f}s] {name} seed {seed} ...', flush=True)

@@ -79,13 +79,13 @@ class PiKE(Algorithm):
             ``8 * estimation_batch_size`` samples per check whatever K; pooling carries each
             domain's statistics between its probes.
         update: ``'evidence'`` (default): Algorithm 1's scores relative to the mixture's, shrunk by
-            ``evidence_z`` standard errors, ``step_size`` nats per unit of the mixture's gradient
-            signal (weights move when the statistics say so). ``'paper'``: Algorithm 1 with the
+            ``evidence_z`` standard errors, ``step_size`` nats per unit of the uniform mixture's
+            gradient signal (weights move when the statistics say so). ``'paper'``: Algorithm 1 with the
             explicit constants ``zeta1``/``zeta2``, never recalibrated. ``'kkt'``: conceptual PiKE,
             the exact minimiser of the descent bound with ``smoothness``, ``beta``, ``gamma`` and the
             optimizer's current learning rate.
         step_size: nats of log-weight per check for a domain whose score exceeds the mixture's by
-            the mixture's whole gradient signal (``update='evidence'``).
+            the uniform mixture's gradient signal (``update='evidence'``).
         evidence_z: standard errors a score difference must exceed before it moves weights (more
             while the standard errors rest on few probes: see :func:`composer_pike.weights.evidence_scores`).
         zeta_ratio: zeta2/zeta1 (``'auto'``: b / (b + B) from the mixture's noise scale B; see
@@ -94,7 +94,9 @@ class PiKE(Algorithm):
         zeta1, zeta2: Algorithm 1's step sizes of the G and sigma^2 terms (``update='paper'`` only).
         smoothness: L of the descent bound for ``'kkt'``; ``'auto'`` gives L eta / beta = zeta_ratio.
         beta, gamma: the bound's conflict constants for ``'kkt'`` (1 = no conflict, no alignment).
-        pool_decay: weight a domain's earlier probes keep at each new probe (0 = latest probe only).
+        pool_decay: weight a domain's earlier probes keep per check (0 = latest probe only): the pool
+            remembers about ``(1 + d) / (1 - d)`` checks' worth of training, however often the
+            domain is probed.
         score_clip: per-check cap on |log-weight change| (nats).
         min_weight: floor on every active weight (default ``max(0.05/K, 1/b)``, at most 1/K: at
             least one sample of every domain per batch).
@@ -333,9 +335,10 @@ class PiKE(Algorithm):
             chunk_norms).all(axis=1)
         probe_se = (np.full(len(probed), np.nan), np.full(len(probed), np.nan))
         if finite.any():  # a non-finite probe is never pooled: it would poison every later check
+            elapsed = np.maximum(self.checks - self._last_probed[probed[finite]], 1.0)  # never probed: any
             grad_se, variance_se = pooled.update(
                 probed[finite], grad[finite], variance[finite], chunk_norms[finite], probe_losses[finite],
-                num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size)
+                num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size, checks_since_last_probe=elapsed)
             probe_se[0][finite], probe_se[1][finite] = grad_se, variance_se
         self._last_probed[probed] = self.checks
         self.checks += 1

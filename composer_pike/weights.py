@@ -14,7 +14,7 @@ training batch size in samples, ``eta`` the learning rate, ``L`` the smoothness 
   (:func:`pike_update`); ``y = 1`` for PiKE, ``y = K*softmax(tau*L_k)`` for Balanced-PiKE (s.6).
 * Full mirror-descent score (s.5) for checking the ``gamma = 0`` reduction to Algorithm 1.
 * The evidence-driven update (s.9, the default): Algorithm 1's scores relative to the mixture's,
-  shrunk by their standard errors, in units of the mixture's gradient signal
+  shrunk by their standard errors, in units of the uniform mixture's gradient signal
   (:func:`evidence_scores`), with ``zeta2/zeta1`` from the noise scale (:func:`auto_zeta_ratio`)
   and a floor of one sample per batch (:func:`default_min_weight`).
 * Epoch caps from dataset sizes, and largest-remainder apportionment of a batch into integer
@@ -569,10 +569,12 @@ def evidence_scores(
     standard errors (soft thresholding: ``sign(d) max(0, |d| - z se(d))``; with estimated standard errors
     of ``degrees_of_freedom``, z becomes the Student-t value ``z (1 + (z^2 + 1) / (4 dof))``, first order
     Cornish-Fisher, so that early checks with a poorly known noise shape need more evidence). The step is scale-free:
-    ``step_size * shrunk_k / S`` nats with ``S = sum_j w_j y_j G_j`` the mixture's gradient signal, so a
-    domain whose score exceeds the mixture's by the whole signal gains ``step_size`` nats. No update
-    (scores 0, ``reason`` set) when a statistic is non-finite or S is not ``evidence_z`` standard errors
-    above 0 (no measurable gradient to follow).
+    ``step_size * shrunk_k / S`` nats with ``S = mean_j y_j G_j`` the gradient signal of the uniform
+    mixture of the active domains, so a domain whose score exceeds the mixture's by that signal gains
+    ``step_size`` nats. S does not depend on the current weights: with the current mixture's signal,
+    weight piled on a domain whose G has since fallen to noise made S unmeasurable and froze the
+    weights there. No update (scores 0, ``reason`` set) when a statistic is non-finite or S is not
+    ``evidence_z`` standard errors above 0 (no domain has a measurable gradient to follow).
     """
     grad, variance = _statistics(grad_sq_norms, per_sample_variances)
     grad_var, variance_var, covariance = (_vector(name, value) for name, value in (
@@ -610,10 +612,11 @@ def evidence_scores(
     score_var = np.where(mask, coefficients**2 * np.maximum(grad_var, 0.0) + noise_factor**2 * np.maximum(
         variance_var, 0.0) - 2.0 * coefficients * noise_factor * covariance, 0.0)
     score_var = np.maximum(score_var, 0.0)
-    signal = float(np.sum(shares * coefficients * grad))
-    signal_se = float(np.sqrt(np.sum(shares**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
+    uniform = mask / mask.sum()
+    signal = float(np.sum(uniform * coefficients * grad))
+    signal_se = float(np.sqrt(np.sum(uniform**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
     if not signal > critical * signal_se:
-        return EvidenceScores(zeros, zeros, zeros, critical, f"the mixture's gradient signal {signal:.3g} is within "
+        return EvidenceScores(zeros, zeros, zeros, critical, f"the uniform mixture's gradient signal {signal:.3g} is within "
                                                    f"{critical:.3g} standard errors ({signal_se:.3g}) of 0")
     relative = np.where(mask, score - np.sum(shares * score), 0.0)
     # Var(u_k - sum_j w_j u_j) for independent domains: (1 - 2 w_k) Var(u_k) + sum_j w_j^2 Var(u_j)

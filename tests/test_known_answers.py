@@ -24,21 +24,33 @@ NULL_BOUND = 0.25  # nats: how far weights that should stay equal may drift apar
 DUPLICATE_BOUND = 0.3  # nats: |log(w_a / w_b)| of two copies of one domain
 
 
-def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False) -> np.ndarray:
+def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False, domains_per_check: int | None = None,
+             pool_by_probe: bool = False) -> np.ndarray:
     """Weights after each check for domains with true G = ``grad_sq_norms`` (all with sigma^2 = 1, noise
-    spread over DIM directions; equal G means the same mean gradient, i.e. identical domains)."""
+    spread over DIM directions; equal G means the same mean gradient, i.e. identical domains).
+
+    ``grad_sq_norms`` may also be a function of (check, each domain's summed weight over the checks so
+    far: how much it has been trained) giving the true G at that check. ``domains_per_check`` probes
+    only that many, least recently probed first (the algorithm's rotation); ``pool_by_probe`` decays a
+    domain's pool per probe of its own rather than per check (the pooling before issue 10's fix).
+    """
     rng = np.random.default_rng(seed)
-    truth = np.asarray(grad_sq_norms, dtype=np.float64)
-    num_domains = truth.size
+    truth_at = grad_sq_norms if callable(grad_sq_norms) else lambda check, trained: np.asarray(grad_sq_norms, float)
+    num_domains = truth_at(0, np.zeros(0)).size
     direction = rng.normal(size=DIM)
-    direction /= np.linalg.norm(direction)
-    means = np.sqrt(truth)[:, None] * direction  # identical domains share their mean gradient exactly
+    direction /= np.linalg.norm(direction)  # identical domains share their mean gradient exactly
     pooled = PooledStatistics(num_domains, decay=DEFAULTS.pool_decay)
+    last_probed = np.full(num_domains, -1.0)
     log_weights = np.full(num_domains, -np.log(num_domains))
+    trained = np.zeros(num_domains)
     floor = default_min_weight(num_domains, BATCH)
     history = []
-    for _ in range(num_checks):
-        chunks = means[:, None, :] + rng.normal(size=(num_domains, NUM_CHUNKS, DIM)) * np.sqrt(1 / DIM / CHUNK_SIZE)
+    for check in range(num_checks):
+        probed = np.sort(np.lexsort((np.arange(num_domains), last_probed))[:domains_per_check or num_domains])
+        elapsed = 1.0 if pool_by_probe else np.maximum(check - last_probed[probed], 1.0)
+        last_probed[probed] = check
+        means = np.sqrt(truth_at(check, trained))[probed, None] * direction
+        chunks = means[:, None, :] + rng.normal(size=(len(probed), NUM_CHUNKS, DIM)) * np.sqrt(1 / DIM / CHUNK_SIZE)
         chunk_norms = np.sum(chunks**2, axis=2)
         grad, variance = (v.numpy() for v in estimate_from_sums(
             np.sum(chunks.sum(1) ** 2, axis=1), chunk_norms.sum(1), num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE))
@@ -48,8 +60,12 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False)
             log_weights = pike_update(log_weights, grad, variance, zeta1=zeta, zeta2=zeta, batch_size=BATCH,
                                       min_weight=0.05 / num_domains).log_weights
         else:
-            pooled.update(np.arange(num_domains), grad, variance, chunk_norms, np.zeros(num_domains),
-                          num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE)
+            pooled.update(probed, grad, variance, chunk_norms, np.zeros(len(probed)),
+                          num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE, checks_since_last_probe=elapsed)
+            if not pooled.seen.all():  # the algorithm skips the update until every domain was probed
+                history.append(np.exp(log_weights))
+                trained += history[-1]
+                continue
             weights = np.exp(log_weights)
             rho = auto_zeta_ratio(pooled.grad_sq_norms, pooled.per_sample_variances, weights, batch_size=BATCH)
             scores = evidence_scores(
@@ -59,6 +75,7 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False)
             log_weights = apply_scores(log_weights, scores.scores, score_clip=DEFAULTS.score_clip,
                                        min_weight=floor, reason=scores.reason).log_weights
         history.append(np.exp(log_weights))
+        trained += history[-1]
     return np.array(history)
 
 

@@ -625,6 +625,21 @@ def test_pooling_weights_probes_and_counts_effective_samples():
         PooledStatistics(3).load_state_dict({**pooled.state_dict(), 'weight': [1.0]})
 
 
+def test_pooling_forgets_by_checks_not_by_probes():
+    """A domain probed every third check keeps decay^3 of its pool per probe: its memory spans as many
+    checks as that of a domain probed at every check."""
+    norms = np.array([[1.0, 2.0]])
+    rotated, every = PooledStatistics(1, decay=0.5), PooledStatistics(1, decay=0.5)
+    for value in (8.0, 2.0):
+        rotated.update([0], [value], [1.0], norms, [0.0], num_chunks=2, chunk_size=4, checks_since_last_probe=3)
+    assert rotated.grad_sq_norms[0] == pytest.approx((0.125 * 8 + 2) / 1.125)
+    for value in (8.0, 8.0, 8.0, 2.0):
+        every.update([0], [value], [1.0], norms, [0.0], num_chunks=2, chunk_size=4)
+    assert every.grad_sq_norms[0] == pytest.approx((8 * (0.5 + 0.25 + 0.125) + 2) / 1.875)
+    with pytest.raises(ValueError, match='checks_since_last_probe'):
+        rotated.update([0], [1.0], [1.0], norms, [0.0], num_chunks=2, chunk_size=4, checks_since_last_probe=0)
+
+
 def test_pooling_shrinks_the_standard_error_like_more_samples():
     mean, eigs = noise_model(200.0, 'decaying', False)
     rng = np.random.default_rng(3)

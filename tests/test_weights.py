@@ -410,6 +410,17 @@ def test_evidence_scores_skip_without_signal_or_on_bad_input():
     assert inactive.reason == "" and inactive.scores[1] == 0 and inactive.scores[2] > 0
 
 
+def test_evidence_scores_keep_moving_after_the_heaviest_domain_is_learned():
+    """90% of the weight on a domain whose G has fallen to noise, the others' G clearly positive: the
+    scale (the uniform mixture's signal) stays measurable, so weight flows back to the others. With the
+    current mixture's signal as the scale, the rule froze here: sum_j w_j G_j was within noise of 0."""
+    weights = np.array([0.9, 0.05, 0.05])
+    result = evidence([0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.01, 0.01, 0.01], weights)
+    assert result.reason == "", result.reason
+    assert result.scores[0] <= 0 < result.scores[1] and result.scores[1] == result.scores[2]
+    assert apply_scores(np.log(weights), result.scores, min_weight=0.01).weights[0] < 0.9
+
+
 def test_evidence_scores_variance_term_and_balanced_weights():
     # Equal G, one domain twice as noisy: the noisy one loses weight (the variance term's role).
     noisy = evidence([1.0, 1.0], [10.0, 20.0], [0.0, 0.0], zeta_ratio=1.0, batch_size=4, evidence_z=0.0)

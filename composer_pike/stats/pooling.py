@@ -3,13 +3,16 @@
 One probe of a few dozen samples leaves G-hat's sign a coin toss when the noise scale sigma^2/G is in
 the hundreds; the statistics drift slowly compared with a check interval, so averaging a domain's
 recent probes turns many small probes into one large one. Every probe of domain k enters with weight 1
-after the domain's earlier probes were multiplied by ``decay`` (the decay counts the domain's own probes,
-so a domain probed in rotation pools as many probes as one probed at every check):
+after the domain's earlier probes were multiplied by ``decay`` once per check since its last probe:
+the pool's memory is measured in training time, so a domain probed in rotation (every r checks) is
+not represented by probes much older than everyone else's (with a per-probe decay its pool would
+span r times as many steps and lag the training by that much):
 
     pooled value     = sum_j w_j x_j / sum_j w_j
     pooled variance  = sum_j w_j^2 V_j / (sum_j w_j)^2          V_j: probe j's sampling variance
     effective samples = (sum_j w_j n_j)^2 / sum_j w_j^2 n_j      n_j: probe j's samples (n for equal probes:
-                                                                 n (1 + decay) / (1 - decay) in the long run)
+                                                                 n (1 + d) / (1 - d) in the long run, d =
+                                                                 decay^r for a domain probed every r checks)
 
 The noise shape kappa (see :mod:`.estimators`) pools with the slower ``shape_decay`` as a ratio of sums.
 Plain numpy; the state is fixed-shape float lists, so it survives sharded checkpoints.
@@ -34,8 +37,8 @@ class PooledStatistics:
 
     Args:
         num_domains: K.
-        decay: weight kept by a domain's earlier probes at each new probe of it (0 = no pooling: the
-            latest probe only).
+        decay: weight kept by a domain's earlier probes per check (0 = no pooling: the latest probe
+            only).
         shape_decay: the same for the noise shape kappa = 1/d_eff, which varies more slowly.
     """
 
@@ -59,27 +62,34 @@ class PooledStatistics:
         *,
         num_chunks: int,
         chunk_size: int,
+        checks_since_last_probe: ArrayLike = 1,
     ) -> tuple[FloatArray, FloatArray]:
-        """Add one probe of ``domains`` (their G-hat, sigma^2-hat, (D, M) chunk norms and mean losses).
+        """Add one probe of ``domains`` (their G-hat, sigma^2-hat, (D, M) chunk norms and mean losses),
+        ``checks_since_last_probe`` checks (per domain, or one for all) after each one's previous probe.
 
         Returns this probe's standard errors (of G-hat, of sigma^2-hat), one per probed domain.
         """
         index = np.asarray(domains, dtype=np.int64)
+        elapsed = np.broadcast_to(np.asarray(checks_since_last_probe, dtype=np.float64), index.shape)
+        if (elapsed < 1).any():
+            raise ValueError(f'checks_since_last_probe must be >= 1, got {elapsed.tolist()}')
         grad = np.asarray(grad_sq_norms, dtype=np.float64)
         variance = np.asarray(per_sample_variances, dtype=np.float64)
         reference = np.where(self.probes[index] > 0, self.grad_sq_norms[index], grad)
         shape_num, shape_den = noise_shape_evidence(chunk_sq_norms, variance, reference, chunk_size=chunk_size)
-        for name, value, factor in (('shape_num', shape_num, self.shape_decay),
-                                    ('shape_den', shape_den, self.shape_decay),
-                                    ('shape_weight', 1.0, self.shape_decay),
-                                    ('shape_weight_sq', 1.0, self.shape_decay**2),
-                                    ('shape_dof', num_chunks - 1.0, self.shape_decay)):
+        shape_keep = self.shape_decay**elapsed
+        for name, value, factor in (('shape_num', shape_num, shape_keep),
+                                    ('shape_den', shape_den, shape_keep),
+                                    ('shape_weight', 1.0, shape_keep),
+                                    ('shape_weight_sq', 1.0, shape_keep**2),
+                                    ('shape_dof', num_chunks - 1.0, shape_keep)):
             total = getattr(self, name)
             total[index] = factor * total[index] + value
         grad_var, variance_var, covariance = estimator_variances(
             reference, variance, self.noise_shape[index], num_chunks=num_chunks, chunk_size=chunk_size)
         samples = float(num_chunks * chunk_size)
-        keep, keep_sq = self.decay, self.decay**2
+        keep = self.decay**elapsed
+        keep_sq = keep**2
         for name, value, factor in (
                 ('weight', 1.0, keep), ('weight_sq', 1.0, keep_sq), ('grad_sum', grad, keep),
                 ('variance_sum', variance, keep), ('loss_sum', np.asarray(probe_losses, dtype=np.float64), keep),
