@@ -71,6 +71,10 @@ class PiKE(Algorithm):
 
     Args:
         check_interval: optimizer steps between weight updates (the paper's T0).
+        first_check: batch before which the first check runs (default ``check_interval``: as in
+            Algorithm 1 the weights start at their prior and the first update follows T0 steps of
+            training; at initialisation every gradient is large and says little about what the
+            trained model needs). Checks follow every ``check_interval`` steps.
         estimation_batch_size: probe samples per probed domain per check, over all ranks; split into
             ``num_chunks`` chunks of ``estimation_batch_size / num_chunks`` samples.
         num_chunks: chunks M per domain (>= 2).
@@ -114,6 +118,7 @@ class PiKE(Algorithm):
     def __init__(
         self,
         check_interval: int = 1000,
+        first_check: int | None = None,
         estimation_batch_size: int = 256,
         num_chunks: int = 8,
         domains_per_check: int | None = None,
@@ -138,6 +143,8 @@ class PiKE(Algorithm):
     ) -> None:
         if check_interval < 1:
             raise ValueError(f'check_interval must be >= 1, got {check_interval}')
+        if first_check is not None and first_check < 0:
+            raise ValueError(f'first_check must be >= 0, got {first_check}')
         if num_chunks < 2:
             raise ValueError(f'num_chunks must be >= 2 (the variance estimate needs two chunks), got {num_chunks}')
         if estimation_batch_size < num_chunks or estimation_batch_size % num_chunks:
@@ -171,6 +178,7 @@ class PiKE(Algorithm):
         if max_epochs_per_domain is not None and not max_epochs_per_domain > 0:
             raise ValueError(f'max_epochs_per_domain must be > 0, got {max_epochs_per_domain}')
         self.check_interval = check_interval
+        self.first_check = check_interval if first_check is None else int(first_check)
         self.estimation_batch_size = estimation_batch_size
         self.num_chunks = num_chunks
         self.domains_per_check = domains_per_check
@@ -208,7 +216,8 @@ class PiKE(Algorithm):
         if self.mixture is None or self.mixture.num_domains < 2:
             return False
         if event == Event.BEFORE_TRAIN_BATCH:
-            return int(state.timestamp.batch) % self.check_interval == 0
+            since_first = int(state.timestamp.batch) - self.first_check
+            return since_first >= 0 and since_first % self.check_interval == 0
         return event == Event.BATCH_END and self._pending is not None
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -270,6 +279,8 @@ class PiKE(Algorithm):
         assert self.mixture is not None and self._last_probed is not None
         active = np.flatnonzero(self.mixture.planner.active)
         budget = self.domains_per_check or MAX_DOMAINS_PER_CHECK
+        if (self._last_probed[active] < 0).all():  # the first check measures every domain at one time,
+            return active  # so no domain's statistics start from an earlier, less trained model
         order = np.lexsort((active, self._last_probed[active]))
         return np.sort(active[order[:budget]])
 

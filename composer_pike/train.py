@@ -44,6 +44,7 @@ class DataConfig:
 @dataclass
 class PiKEConfig:
     check_interval: int = 100
+    first_check: Optional[int] = None    # batch of the first check; None: check_interval (not at initialisation)
     estimation_batch_size: int = 64      # probe samples per probed domain per check
     num_chunks: int = 8
     domains_per_check: Optional[int] = None  # None: all domains up to 8, else 8 in rotation
@@ -56,7 +57,7 @@ class PiKEConfig:
     smoothness: Any = 'auto'             # L of the descent bound (kkt): 'auto' or a number
     beta: float = 1.0                    # kkt
     gamma: float = 1.0                   # kkt
-    pool_decay: float = 0.7              # weight of a domain's earlier probes at each new probe
+    pool_decay: float = 0.7              # weight of a domain's earlier probes per check since
     score_clip: float = 1.0
     min_weight: Optional[float] = None   # default max(0.05/K, 1/b): one sample per batch
     max_weight: float = 1.0

@@ -161,6 +161,20 @@ class ForwardSizes(Callback):
 # --------------------------------------------------------------------------------------------- 1. metrics, effective step
 
 
+def test_checks_start_after_one_interval_and_the_first_probes_every_domain(dataset):
+    """Default first_check: no probe of the untrained model at batch 0. With one domain per check the
+    first check still measures all of them (at one time), then the least recently probed goes next."""
+    interval = 3
+    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=None, domains_per_check=1)],
+              max_duration='13ba', num_workers=0)
+    assert [b for b, _ in run.series['pike/checks']] == [4, 7, 10, 13]  # checks before batches 3, 6, 9, 12
+    assert run.values('pike/probed_domains') == [len(NAMES), 1.0, 1.0, 1.0]
+    first_probe = [[b for b, _ in run.series[f'pike/grad_sq_norm/{n}']][0] for n in NAMES]
+    assert first_probe == [4] * len(NAMES)
+    later = [[b for b, _ in run.series[f'pike/grad_sq_norm/{n}']][1:] for n in NAMES]
+    assert later == [[7], [10], [13]]  # rotation by least recently probed, ties by index
+
+
 def test_metrics_at_every_check_and_counts_change_at_effective_step(dataset):
     num_batches, interval = 16, 4
     run = fit(dataset, algorithms=[make_pike(check_interval=interval)], max_duration=f'{num_batches}ba', num_workers=2)
