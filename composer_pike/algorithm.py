@@ -83,13 +83,14 @@ class PiKE(Algorithm):
             ``8 * estimation_batch_size`` samples per check whatever K; pooling carries each
             domain's statistics between its probes.
         update: ``'evidence'`` (default): Algorithm 1's scores relative to the mixture's, shrunk by
-            ``evidence_z`` standard errors, ``step_size`` nats per unit of the uniform mixture's
-            gradient signal (weights move when the statistics say so). ``'paper'``: Algorithm 1 with the
+            ``evidence_z`` standard errors, ``step_size`` nats per unit of the domains' gradient
+            signal (weights move when the statistics say so). ``'paper'``: Algorithm 1 with the
             explicit constants ``zeta1``/``zeta2``, never recalibrated. ``'kkt'``: conceptual PiKE,
             the exact minimiser of the descent bound with ``smoothness``, ``beta``, ``gamma`` and the
             optimizer's current learning rate.
         step_size: nats of log-weight per check for a domain whose score exceeds the mixture's by
-            the uniform mixture's gradient signal (``update='evidence'``).
+            the domains' gradient signal (``update='evidence'``; see
+            :func:`composer_pike.weights.evidence_scores`).
         evidence_z: standard errors a score difference must exceed before it moves weights (more
             while the standard errors rest on few probes: see :func:`composer_pike.weights.evidence_scores`).
         zeta_ratio: zeta2/zeta1 (``'auto'``: b / (b + B) from the mixture's noise scale B; see

@@ -49,7 +49,7 @@ class PiKEConfig:
     num_chunks: int = 8
     domains_per_check: Optional[int] = None  # None: all domains up to 8, else 8 in rotation
     update: str = 'evidence'             # evidence | paper (explicit zeta1/zeta2) | kkt (mixing.policy=pike_kkt)
-    step_size: float = 0.5               # nats per check per unit of the uniform mixture's gradient signal (evidence)
+    step_size: float = 0.5               # nats per check per unit of the domains' gradient signal (evidence)
     evidence_z: float = 2.5              # standard errors a score difference must exceed (evidence)
     zeta_ratio: Any = 'auto'             # zeta2/zeta1: 'auto' = b / (b + noise scale), or a number
     zeta1: Optional[float] = None        # update=paper only

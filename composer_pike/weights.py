@@ -13,8 +13,9 @@ training batch size in samples, ``eta`` the learning rate, ``L`` the smoothness 
   renormalise over active domains and project onto per-domain floor/cap bounds
   (:func:`pike_update`); ``y = 1`` for PiKE, ``y = K*softmax(tau*L_k)`` for Balanced-PiKE (s.6).
 * Full mirror-descent score (s.5) for checking the ``gamma = 0`` reduction to Algorithm 1.
-* The evidence-driven update (s.9, the default): Algorithm 1's scores relative to the mixture's,
-  shrunk by their standard errors, in units of the uniform mixture's gradient signal
+* The evidence-driven update (s.9, the default): Algorithm 1's scores relative to the mixture's
+  (badly measured domains discounted), shrunk by their standard errors, in units of the domains'
+  gradient signal
   (:func:`evidence_scores`), with ``zeta2/zeta1`` from the noise scale (:func:`auto_zeta_ratio`)
   and a floor of one sample per batch (:func:`default_min_weight`).
 * Epoch caps from dataset sizes, and largest-remainder apportionment of a batch into integer
@@ -531,10 +532,10 @@ def auto_zeta_ratio(
 class EvidenceScores:
     """Result of :func:`evidence_scores`, per domain (0 on inactive domains).
 
-    ``advantage`` is the domain's descent score relative to the mixture's, in units of the mixture's
-    gradient signal; ``advantage_se`` its standard error; ``critical`` the standard errors an advantage
-    had to exceed; ``scores`` the log-weight increments (nats) after shrinkage; ``reason`` says why there
-    is no update ("" otherwise).
+    ``advantage`` is the domain's descent score relative to the reference (the mixture's score with
+    badly measured domains discounted), in units of the reference gradient signal; ``advantage_se`` its standard error;
+    ``critical`` the standard errors an advantage had to exceed; ``scores`` the log-weight increments
+    (nats) after shrinkage; ``reason`` says why there is no update ("" otherwise).
     """
 
     scores: FloatArray
@@ -542,6 +543,25 @@ class EvidenceScores:
     advantage_se: FloatArray
     critical: float
     reason: str
+
+
+def precision_shares(variances: ArrayLike, active: NDArray[np.bool_]) -> FloatArray:
+    """Weights ``p_j ~ 1 / (V_j + median V)`` over the active domains, summing to 1 (0 elsewhere).
+
+    Like inverse-variance weights, they all but ignore a domain measured far worse than the typical
+    one; unlike them, they stay near uniform while the variances are of one size, so that the
+    sampling noise of the estimated variances (which grow with the estimates themselves) does not tilt
+    the reference toward whichever domain happened to come out low (the median plays the part of the
+    between-domain variance in a random-effects mean). All weight is shared equally by the domains
+    with ``V_j + median V = 0``, if any.
+    """
+    variances = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
+    spread = variances + float(np.median(variances[active]))
+    exact = active & (spread == 0)
+    if exact.any():
+        return exact / exact.sum()
+    precision = np.where(active, 1.0 / np.where(active, spread, 1.0), 0.0)
+    return precision / precision.sum()
 
 
 def evidence_scores(
@@ -563,18 +583,21 @@ def evidence_scores(
     """Log-weight increments that move only on evidence (PIKE_MATH.md s.9).
 
     Each domain's descent score per unit weight is Algorithm 1's ``u_k = y_k G_k - rho sigma_k^2/(2b)``
-    (``rho = zeta_ratio``), with variance from the statistics' sampling (co)variances. Only differences
-    between domains move weights (renormalisation removes a common shift), so the score is taken
-    relative to the mixture's, ``d_k = u_k - sum_j w_j u_j``, and shrunk toward 0 by ``evidence_z``
-    standard errors (soft thresholding: ``sign(d) max(0, |d| - z se(d))``; with estimated standard errors
-    of ``degrees_of_freedom``, z becomes the Student-t value ``z (1 + (z^2 + 1) / (4 dof))``, first order
-    Cornish-Fisher, so that early checks with a poorly known noise shape need more evidence). The step is scale-free:
-    ``step_size * shrunk_k / S`` nats with ``S = mean_j y_j G_j`` the gradient signal of the uniform
-    mixture of the active domains, so a domain whose score exceeds the mixture's by that signal gains
-    ``step_size`` nats. S does not depend on the current weights: with the current mixture's signal,
-    weight piled on a domain whose G has since fallen to noise made S unmeasurable and froze the
-    weights there. No update (scores 0, ``reason`` set) when a statistic is non-finite or S is not
-    ``evidence_z`` standard errors above 0 (no domain has a measurable gradient to follow).
+    (``rho = zeta_ratio``), with variance ``V_k`` from the statistics' sampling (co)variances. Only
+    differences between domains move weights (renormalisation removes a common shift), so each score
+    is taken relative to the mixture's, ``d_k = u_k - sum_j s_j u_j`` with ``s_j ~ w_j p_j``: the
+    current weights ``w`` (once the mixture is made of the best domains, their differences are
+    compared with each other and the weights settle), discounted by ``p_j ~ 1 / (V_j + median V)``
+    (:func:`precision_shares`) so that one domain measured far worse than the others cannot hide
+    every difference behind its noise. ``d_k`` is shrunk toward 0 by ``evidence_z`` standard errors
+    (soft thresholding: ``sign(d) max(0, |d| - z se(d))``; with estimated standard errors of
+    ``degrees_of_freedom``, z becomes the Student-t value ``z (1 + (z^2 + 1) / (4 dof))``, first order
+    Cornish-Fisher, so that early checks with a poorly known noise shape need more evidence). The step
+    is scale-free: ``step_size * shrunk_k / S`` nats with ``S = sum_j p_j y_j G_j`` the gradient signal
+    of the domains (weighted by how well they are measured, not by the current weights: with the
+    mixture's signal as the scale, weight piled on a domain whose G had since fallen to noise made S
+    unmeasurable and froze the weights there). No update (scores 0, ``reason`` set) when a statistic
+    is non-finite or S is not ``evidence_z`` standard errors above 0 (no gradient to follow).
     """
     grad, variance = _statistics(grad_sq_norms, per_sample_variances)
     grad_var, variance_var, covariance = (_vector(name, value) for name, value in (
@@ -603,23 +626,23 @@ def evidence_scores(
 
     grad, variance, grad_var, variance_var, covariance, coefficients = (
         np.where(mask, values, 0.0) for values in inputs.values())
-    shares = np.where(mask, np.maximum(mix, 0.0), 0.0)
-    if not shares.sum() > 0:
-        raise ValueError("weights must have positive mass on the active domains")
-    shares = shares / shares.sum()
     noise_factor = rho / (2.0 * batch_size)
     score = np.where(mask, coefficients * grad - noise_factor * variance, 0.0)
     score_var = np.where(mask, coefficients**2 * np.maximum(grad_var, 0.0) + noise_factor**2 * np.maximum(
         variance_var, 0.0) - 2.0 * coefficients * noise_factor * covariance, 0.0)
     score_var = np.maximum(score_var, 0.0)
-    uniform = mask / mask.sum()
-    signal = float(np.sum(uniform * coefficients * grad))
-    signal_se = float(np.sqrt(np.sum(uniform**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
+    precision = precision_shares(score_var, mask)
+    signal = float(np.sum(precision * coefficients * grad))
+    signal_se = float(np.sqrt(np.sum(precision**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
     if not signal > critical * signal_se:
-        return EvidenceScores(zeros, zeros, zeros, critical, f"the uniform mixture's gradient signal {signal:.3g} is within "
+        return EvidenceScores(zeros, zeros, zeros, critical, f"the domains' gradient signal {signal:.3g} is within "
                                                    f"{critical:.3g} standard errors ({signal_se:.3g}) of 0")
+    shares = precision * np.where(mask, np.maximum(mix, 0.0), 0.0)
+    if not shares.sum() > 0:
+        raise ValueError("weights must have positive mass on the active domains")
+    shares = shares / shares.sum()
     relative = np.where(mask, score - np.sum(shares * score), 0.0)
-    # Var(u_k - sum_j w_j u_j) for independent domains: (1 - 2 w_k) Var(u_k) + sum_j w_j^2 Var(u_j)
+    # Var(u_k - sum_j s_j u_j) for independent domains: (1 - 2 s_k) V_k + sum_j s_j^2 V_j
     relative_se = np.where(mask, np.sqrt(np.maximum(
         (1.0 - 2.0 * shares) * score_var + np.sum(shares**2 * score_var), 0.0)), 0.0)
     shrunk = np.sign(relative) * np.maximum(np.abs(relative) - critical * relative_se, 0.0)

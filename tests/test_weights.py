@@ -17,6 +17,7 @@ from composer_pike.weights import (
     auto_zeta_ratio,
     default_min_weight,
     evidence_scores,
+    precision_shares,
     balanced_coefficients,
     descent_bound_coefficients,
     epoch_cap_upper_bounds,
@@ -410,15 +411,33 @@ def test_evidence_scores_skip_without_signal_or_on_bad_input():
     assert inactive.reason == "" and inactive.scores[1] == 0 and inactive.scores[2] > 0
 
 
+def test_precision_shares_weight_by_inverse_variance_plus_the_median():
+    active = np.array([True, True, True, False])
+    np.testing.assert_allclose(precision_shares([1.0, 4.0, 4.0, 0.0], active), [4 / 9, 5 / 18, 5 / 18, 0.0])  # 1/(V+4)
+    np.testing.assert_allclose(precision_shares([1.0, 1.0, 1e6, 9.0], active), [0.5, 0.5, 0.0, 0.0], atol=1e-5)
+    np.testing.assert_array_equal(precision_shares([0.0, 4.0, 0.0, 0.0], active), [0.5, 0.0, 0.5, 0.0])
+
+
 def test_evidence_scores_keep_moving_after_the_heaviest_domain_is_learned():
     """90% of the weight on a domain whose G has fallen to noise, the others' G clearly positive: the
-    scale (the uniform mixture's signal) stays measurable, so weight flows back to the others. With the
-    current mixture's signal as the scale, the rule froze here: sum_j w_j G_j was within noise of 0."""
+    scale (the domains' signal, not the current mixture's) stays measurable, so weight flows back to the
+    others. With the mixture's signal sum_j w_j G_j as the scale, the rule froze here."""
     weights = np.array([0.9, 0.05, 0.05])
     result = evidence([0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.01, 0.01, 0.01], weights)
     assert result.reason == "", result.reason
     assert result.scores[0] <= 0 < result.scores[1] and result.scores[1] == result.scores[2]
     assert apply_scores(np.log(weights), result.scores, min_weight=0.01).weights[0] < 0.9
+
+
+def test_a_very_noisy_domain_neither_moves_nor_masks_the_others():
+    """As measured in the benchmark: one domain's G-hat 49 +- 62, the others 0.3-1.5 +- 0.1. A plain or
+    mixture-weighted mean as reference and scale inherited the noisy domain's error, hid every difference
+    and gated every update as 'no signal'; discounted by its noise, the well-measured domains are compared."""
+    grad = np.array([49.0, 0.3, 0.3, 1.5, 1.5])
+    result = evidence(grad, np.zeros(5), np.array([62.0, 0.1, 0.1, 0.1, 0.1]) ** 2)
+    assert result.reason == "", result.reason
+    assert result.scores[0] == 0  # 49 +- 62 is no evidence either way
+    assert result.scores[3] == result.scores[4] > 0 > result.scores[1] == result.scores[2]
 
 
 def test_evidence_scores_variance_term_and_balanced_weights():
