@@ -84,7 +84,7 @@ def sampler_is_distributed(loader: Any) -> bool:
 
 
 def make_sampler_distributed(loader: Any) -> None:
-    """Test-side stand-in for the data.py fix: let the batch sampler also be a DistributedSampler.
+    """Test-side stand-in for what composer_pike.data now does itself: let the batch sampler also be a DistributedSampler.
 
     The mixture sampler already slices each global batch per rank, so only the type changes
     (Composer then also calls ``set_epoch``, which DistributedSampler provides and which is inert here).

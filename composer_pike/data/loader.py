@@ -1,0 +1,103 @@
+"""The DataLoader over a MixtureDataset, and the one function that wires dataset, planner, sampler and loader."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from composer_pike.data.dataset import MixtureDataset, collate_samples
+from composer_pike.data.sampler import MixtureBatchSampler
+from composer_pike.planner import MixturePlanner
+from composer_pike.probe_order import ProbeOrder
+
+
+class MixtureDataLoader(DataLoader):
+    """A DataLoader over a :class:`MixtureDataset` that tells the sampler which batches were taken."""
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch on this rank (Composer reads it to default the microbatch size)."""
+        sampler: MixtureBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        return sampler.planner.global_batch_size // sampler.world_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        """DataLoader.__init__ stores None here when a batch sampler is given; the sampler decides."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler: MixtureBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        for batch in super().__iter__():
+            sampler.mark_consumed()
+            yield batch
+
+
+def loader_lookahead(num_workers: int, prefetch_factor: int | None) -> int:
+    """Batches a torch DataLoader plans before the trainer asks for them."""
+    return num_workers * (prefetch_factor or 2) if num_workers > 0 else 0
+
+
+def build_mixture_dataloader(
+    dataset: MixtureDataset,
+    global_batch_size: int,
+    *,
+    weights: Sequence[float] | None = None,
+    batching: str = 'mix',
+    on_exhausted: str = 'repeat',
+    seed: int = 0,
+    shuffle: bool = True,
+    shuffle_block_shards: int = 4,
+    steps_per_epoch: int | None = None,
+    delay: int | None = None,
+    num_workers: int = 2,
+    prefetch_factor: int | None = 2,
+    prefetch_steps: int = 8,
+    pin_memory: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> MixtureDataLoader:
+    """Wire a :class:`MixtureDataset` to a planner, sampler and DataLoader for this rank.
+
+    Args:
+        global_batch_size: samples per optimizer step over all ranks (divisible by world size).
+        steps_per_epoch: batches per Composer epoch; default: total train samples // batch.
+        delay: effective-step delay (see module docstring); default and minimum: the look-ahead.
+        prefetch_steps: remote shards needed within this many steps are downloaded in advance.
+        rank / world_size: default from ``composer.utils.dist``.
+    """
+    from composer.utils import dist
+
+    rank = dist.get_global_rank() if rank is None else rank
+    world_size = dist.get_world_size() if world_size is None else world_size
+    lookahead = loader_lookahead(num_workers, prefetch_factor)
+    delay = lookahead if delay is None else int(delay)
+    if delay < lookahead:
+        raise ValueError(f'delay={delay} is smaller than the loader look-ahead of {lookahead} batches '
+                         f'(num_workers={num_workers} x prefetch_factor={prefetch_factor}); weight changes '
+                         'would reach batches already planned')
+    planner = MixturePlanner(
+        dataset.domain_sizes,
+        global_batch_size,
+        weights=weights,
+        batching=batching,
+        on_exhausted=on_exhausted,
+        seed=seed,
+        shard_sizes=dataset.shard_sizes,
+        shuffle=shuffle,
+        shuffle_block_shards=shuffle_block_shards,
+    )
+    steps_per_epoch = steps_per_epoch or max(1, len(dataset) // global_batch_size)
+    sampler = MixtureBatchSampler(dataset, planner, rank=rank, world_size=world_size,
+                                  steps_per_epoch=steps_per_epoch, delay=delay, prefetch_steps=prefetch_steps)
+    dataset.sampler = sampler
+    dataset.probe_order = ProbeOrder(dataset.domain_sizes, seed)
+    return MixtureDataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_samples,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        worker_init_fn=dataset.reset_object_store_clients if num_workers > 0 else None,
+    )

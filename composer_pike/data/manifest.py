@@ -1,0 +1,71 @@
+"""pike-prep manifests: where each domain's MDS splits live (local, or remote with a local cache)."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+MANIFEST_NAME = 'manifest.json'
+
+
+@dataclass(frozen=True)
+class DomainSource:
+    """Where one domain's MDS split lives: ``remote`` (s3://..., optional) cached into ``local``."""
+    name: str
+    local: str
+    remote: str | None = None
+
+
+def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str | None = None) -> list[DomainSource]:
+    """Domain sources for ``split`` from a pike-prep manifest (local path or remote URL).
+
+    For a remote manifest every domain is streamed into ``cache_root/<domain>/<split>``.
+    """
+    data = read_manifest(manifest, cache_root)
+    remote = '://' in manifest
+    if remote:
+        base = manifest.rsplit('/', 1)[0] if manifest.endswith('.json') else manifest.rstrip('/')
+    else:  # absolute, so the sources stay valid if the working directory changes
+        base = os.path.abspath(manifest)
+        base = os.path.dirname(base) if manifest.endswith('.json') else base
+    sources = []
+    for name, info in data['domains'].items():
+        if split not in info['splits']:
+            raise ValueError(f"domain '{name}': manifest {manifest} has no '{split}' split")
+        rel = info['splits'][split]['path']
+        if remote:
+            sources.append(DomainSource(name, os.path.join(cache_root, name, split), f'{base}/{rel}'))
+        else:
+            sources.append(DomainSource(name, os.path.join(base, rel)))
+    return sources
+
+
+def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any]:
+    """Load a pike-prep manifest from a local path (file or directory) or a remote URL.
+
+    A remote manifest is downloaded on every call (to ``cache_root/manifest.json``), so a dataset
+    rewritten at the remote is never described by a stale local copy.
+    """
+    if '://' in manifest:
+        from streaming.base.storage.download import CloudDownloader
+        url = manifest if manifest.endswith('.json') else f'{manifest.rstrip("/")}/{MANIFEST_NAME}'
+        if cache_root is None:
+            raise ValueError(f'manifest {manifest} is remote: a local cache_root is required')
+        os.makedirs(cache_root, exist_ok=True)
+        path = os.path.join(cache_root, MANIFEST_NAME)
+        # streaming's downloaders skip a destination that exists: fetch to a fresh name, then replace.
+        fresh = os.path.join(cache_root, f'.{MANIFEST_NAME}.{uuid.uuid4().hex}')
+        try:
+            CloudDownloader.direct_download(url, fresh, timeout=60)
+            os.replace(fresh, path)
+        finally:
+            if os.path.exists(fresh):
+                os.remove(fresh)
+    else:
+        path = manifest if manifest.endswith('.json') else os.path.join(manifest, MANIFEST_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'no pike-prep manifest at {path}')
+    with open(path) as f:
+        return json.load(f)
