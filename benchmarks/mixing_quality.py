@@ -132,8 +132,8 @@ class Setting:
 
 # quick: 25 runs (5 policies x 5 seeds) of a 0.59M-parameter byte-level LLaMA (d128, 2 layers, 4 heads,
 # RoPE, no dropout), 600 steps of 48 x 64 tokens, warmup 30 then cosine to 0.1 x lr. PiKE probes every
-# domain (the default for K <= 8) x 8 samples in 4 chunks every 50 steps from step 50 on: 48 samples per
-# 2400 trained = 2.0% (11 checks: 1.8% of the run). Until issue 10's second round it probed 2 domains x
+# domain (the default for K <= 8) x 8 samples in 4 chunks every 50 steps: 48 samples per 2400 trained
+# = 2.0%. Until issue 10's second round it probed 2 domains x
 # 24 samples per check in rotation; comparing domains measured up to 100 steps apart (one of them at
 # initialisation) is what sent 66-80% of the weight to news. Evaluation every 50 steps on the first 4 batches of 128 sequences of each domain's val
 # split (512 sequences; news and shakespeare have 280 and 357, all of them), 2685 sequences in all.

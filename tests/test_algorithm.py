@@ -161,11 +161,11 @@ class ForwardSizes(Callback):
 # --------------------------------------------------------------------------------------------- 1. metrics, effective step
 
 
-def test_checks_start_after_one_interval_and_the_first_probes_every_domain(dataset):
-    """Default first_check: no probe of the untrained model at batch 0. With one domain per check the
-    first check still measures all of them (at one time), then the least recently probed goes next."""
+def test_checks_start_at_first_check_and_the_first_probes_every_domain(dataset):
+    """With one domain per check the first check still measures all of them (at one time), then the
+    least recently probed goes next."""
     interval = 3
-    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=None, domains_per_check=1)],
+    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=3, domains_per_check=1)],
               max_duration='13ba', num_workers=0)
     assert [b for b, _ in run.series['pike/checks']] == [4, 7, 10, 13]  # checks before batches 3, 6, 9, 12
     assert run.values('pike/probed_domains') == [len(NAMES), 1.0, 1.0, 1.0]

@@ -25,10 +25,9 @@ GLAM_YAML = os.path.join(REPO, 'yamls', 'six_domain_glam.yaml')
 YAMLS = sorted(glob.glob(os.path.join(REPO, 'yamls', '*.yaml')))
 DOMAINS = ('d0', 'd1', 'd2')
 TOTAL, CUT, CRASH = 8, 4, 6  # steps; checkpoints every CUT steps; the interrupted run dies after step CRASH
-# evidence_z=0: weights move at every check, so resumption and rank agreement are tested on moving weights;
-# first_check=0: checks at batches 0, 2, 4, 6
+# evidence_z=0: weights move at every check, so resumption and rank agreement are tested on moving weights
 TINY = ['data.global_batch_size=8', 'data.num_workers=2', 'data.eval_batch_size=4', 'data.eval_max_batches=2',
-        'model.d_model=32', 'model.n_heads=2', 'mixing.pike.check_interval=2', 'mixing.pike.first_check=0',
+        'model.d_model=32', 'model.n_heads=2', 'mixing.pike.check_interval=2',
         'mixing.pike.estimation_batch_size=8', 'mixing.pike.num_chunks=2', 'mixing.pike.evidence_z=0', 'trainer.progress_bar=false', f'trainer.max_duration={TOTAL}ba',
         f'trainer.eval_interval={CUT}ba', 'optimizer.warmup=2ba']
 
