@@ -209,8 +209,8 @@ class MixturePlanner:
         if self.finished:
             return None
         counts = self.counts_at(self.step)
-        if counts.sum() == 0 or (self.on_exhausted == 'stop' and
-                                 np.any(self.cursors + counts > self.domain_sizes)):
+        if counts.sum() == 0 or (self.on_exhausted == 'stop' and (
+                np.any(self.epochs > 0) or np.any(self.cursors + counts > self.domain_sizes))):
             self.finished = True
             return None
         domains, indices = [], []

@@ -161,6 +161,18 @@ class ForwardSizes(Callback):
 # --------------------------------------------------------------------------------------------- 1. metrics, effective step
 
 
+def test_a_trainer_past_the_end_of_a_stop_mixture_fails_instead_of_spinning(dataset):
+    """Without MixtureMonitor nothing stops a Composer Trainer at the end of the data: it used to start
+    empty epochs for ever. Now the second empty pass raises, naming the fix; with the monitor the run
+    ends cleanly at the last batch."""
+    from composer_pike.callbacks import MixtureMonitor
+    stop = dict(on_exhausted='stop', weights=[0.2, 0.2, 0.6])  # domain 2 (40 samples) ends first
+    with pytest.raises(RuntimeError, match='MixtureMonitor'):
+        fit(dataset, max_duration='1000ba', loader_kwargs=stop)
+    run = fit(dataset, max_duration='1000ba', loader_kwargs=stop, callbacks=[MixtureMonitor()])
+    assert run.loader.dataset.finished and 0 < int(run.trainer.state.timestamp.batch) < 1000
+
+
 def test_checks_start_at_first_check_and_the_first_probes_every_domain(dataset):
     """With one domain per check the first check still measures all of them (at one time), then the
     least recently probed goes next."""

@@ -360,7 +360,9 @@ def test_stop_policy_ends_the_loader_before_a_second_pass(data_dirs, mixture):
             assert not dataset.finished  # the planner may have ended, the trainer has not
     assert len(steps) == SIZES[2] // 5 < len(loader)
     assert dataset.finished
-    assert [b for b in loader] == []
+    assert [b for b in loader] == []  # a plain loop over an ended mixture ends ...
+    with pytest.raises(RuntimeError, match='MixtureMonitor'):  # ... but a caller that keeps asking is told
+        next(iter(loader))
     everything = [item for items in steps for item in items]
     assert len(set(everything)) == len(everything)
 

@@ -163,6 +163,16 @@ def test_stop_policy_stops_before_a_second_pass():
     assert batches == 2 and planner.finished and planner.epochs.tolist() == [0, 0]
 
 
+def test_stop_policy_stops_when_a_batch_ends_a_pass_exactly():
+    """4 of domain 0's 12 samples per batch: the third batch takes the last 4 and wraps the cursor to 0;
+    the fourth would start a second pass (it used to, for ever)."""
+    planner = MixturePlanner([12, 100], 8, weights=[0.5, 0.5], on_exhausted='stop')
+    batches = 0
+    while planner.plan_next() is not None:
+        batches += 1
+    assert batches == 3 and planner.finished and planner.epochs.tolist() == [1, 0]
+
+
 @pytest.mark.parametrize('kwargs, match', [
     (dict(batching='mixed'), 'batching'),
     (dict(on_exhausted='wrap'), 'on_exhausted'),

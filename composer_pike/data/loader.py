@@ -12,8 +12,23 @@ from composer_pike.planner import MixturePlanner
 from composer_pike.probe_order import ProbeOrder
 
 
+ENDED_BUT_ASKED_AGAIN = (
+    "the mixture has ended (on_exhausted='stop') and a second pass over the loader found nothing to "
+    'yield: a Composer Trainer whose max_duration lies beyond the data starts empty epochs for ever, '
+    'and a dataloader cannot stop it. Add composer_pike.MixtureMonitor() to the callbacks (it stops '
+    'training at the last batch; composer_pike.train adds it), or set max_duration within the data')
+
+
 class MixtureDataLoader(DataLoader):
-    """A DataLoader over a :class:`MixtureDataset` that tells the sampler which batches were taken."""
+    """A DataLoader over a :class:`MixtureDataset` that tells the sampler which batches were taken.
+
+    Once an ``on_exhausted='stop'`` mixture has ended, one pass over the loader is empty (a plain
+    ``for`` loop ends) and the next raises :data:`ENDED_BUT_ASKED_AGAIN` instead of being empty
+    too: whoever keeps iterating (a Trainer without :class:`composer_pike.MixtureMonitor`) fails
+    with instructions rather than spin on empty epochs.
+    """
+
+    _empty_passes = 0
 
     @property
     def batch_size(self) -> int:
@@ -27,9 +42,14 @@ class MixtureDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         sampler: MixtureBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        if self._empty_passes and self.dataset.finished:
+            raise RuntimeError(ENDED_BUT_ASKED_AGAIN)
+        yielded = False
         for batch in super().__iter__():
             sampler.mark_consumed()
+            yielded = True
             yield batch
+        self._empty_passes = 0 if yielded else self._empty_passes + 1
 
 
 def loader_lookahead(num_workers: int, prefetch_factor: int | None) -> int:
