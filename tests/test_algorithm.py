@@ -161,16 +161,17 @@ class ForwardSizes(Callback):
 # --------------------------------------------------------------------------------------------- 1. metrics, effective step
 
 
-def test_a_trainer_past_the_end_of_a_stop_mixture_fails_instead_of_spinning(dataset):
-    """Without MixtureMonitor nothing stops a Composer Trainer at the end of the data: it used to start
-    empty epochs for ever. Now the second empty pass raises, naming the fix; with the monitor the run
-    ends cleanly at the last batch."""
+def test_a_trainer_past_the_end_of_a_stop_mixture_stops_at_the_last_batch(dataset):
+    """A Composer Trainer with no mixture callback used to start empty epochs for ever after the last
+    batch of an on_exhausted='stop' mixture; the loader now stops it at that batch, as MixtureMonitor does."""
     from composer_pike.callbacks import MixtureMonitor
     stop = dict(on_exhausted='stop', weights=[0.2, 0.2, 0.6])  # domain 2 (40 samples) ends first
-    with pytest.raises(RuntimeError, match='MixtureMonitor'):
-        fit(dataset, max_duration='1000ba', loader_kwargs=stop)
-    run = fit(dataset, max_duration='1000ba', loader_kwargs=stop, callbacks=[MixtureMonitor()])
-    assert run.loader.dataset.finished and 0 < int(run.trainer.state.timestamp.batch) < 1000
+    plain = fit(dataset, max_duration='1000ba', loader_kwargs=stop)
+    monitored = fit(dataset, max_duration='1000ba', loader_kwargs=stop, callbacks=[MixtureMonitor()])
+    for run in (plain, monitored):
+        assert run.loader.dataset.finished
+        assert int(run.trainer.state.timestamp.batch) == len(run.recorder.rows) == 40 // 5
+        assert int(run.trainer.state.timestamp.epoch) <= 1  # no empty epochs
 
 
 def test_checks_start_at_first_check_and_the_first_probes_every_domain(dataset):

@@ -361,7 +361,7 @@ def test_stop_policy_ends_the_loader_before_a_second_pass(data_dirs, mixture):
     assert len(steps) == SIZES[2] // 5 < len(loader)
     assert dataset.finished
     assert [b for b in loader] == []  # a plain loop over an ended mixture ends ...
-    with pytest.raises(RuntimeError, match='MixtureMonitor'):  # ... but a caller that keeps asking is told
+    with pytest.raises(RuntimeError, match='mixture has ended'):  # ... but a caller that keeps asking is told
         next(iter(loader))
     everything = [item for items in steps for item in items]
     assert len(set(everything)) == len(everything)

@@ -1,7 +1,9 @@
 """The DataLoader over a MixtureDataset, and the one function that wires dataset, planner, sampler and loader."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import logging
+import sys
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -11,21 +13,22 @@ from composer_pike.data.sampler import MixtureBatchSampler
 from composer_pike.planner import MixturePlanner
 from composer_pike.probe_order import ProbeOrder
 
+log = logging.getLogger(__name__)
 
 ENDED_BUT_ASKED_AGAIN = (
     "the mixture has ended (on_exhausted='stop') and a second pass over the loader found nothing to "
-    'yield: a Composer Trainer whose max_duration lies beyond the data starts empty epochs for ever, '
-    'and a dataloader cannot stop it. Add composer_pike.MixtureMonitor() to the callbacks (it stops '
-    'training at the last batch; composer_pike.train adds it), or set max_duration within the data')
+    'yield, and no Composer Trainer was found driving it to stop. Stop the loop at '
+    'MixtureDataset.finished, or set the run length within the data')
 
 
 class MixtureDataLoader(DataLoader):
     """A DataLoader over a :class:`MixtureDataset` that tells the sampler which batches were taken.
 
-    Once an ``on_exhausted='stop'`` mixture has ended, one pass over the loader is empty (a plain
-    ``for`` loop ends) and the next raises :data:`ENDED_BUT_ASKED_AGAIN` instead of being empty
-    too: whoever keeps iterating (a Trainer without :class:`composer_pike.MixtureMonitor`) fails
-    with instructions rather than spin on empty epochs.
+    When an ``on_exhausted='stop'`` mixture ends, the pass that yielded its last batch ends and the
+    Composer Trainer iterating the loader (plain Composer, llm-foundry, ``composer_pike.train``) is
+    told to stop (``State.stop_training``): training ends cleanly at the last batch, whoever built
+    the Trainer and whatever callbacks it has, instead of starting empty epochs for ever. A caller
+    that is not a Trainer sees one empty pass, and a second one raises :data:`ENDED_BUT_ASKED_AGAIN`.
     """
 
     _empty_passes = 0
@@ -50,6 +53,30 @@ class MixtureDataLoader(DataLoader):
             yielded = True
             yield batch
         self._empty_passes = 0 if yielded else self._empty_passes + 1
+        if self.dataset.finished:
+            stop_driving_trainer(sys._getframe(1))
+
+
+def stop_driving_trainer(frame: Any) -> bool:
+    """Stop the Composer Trainer whose training loop is iterating this loader; False if none is.
+
+    A DataLoader has no reference to the Trainer that iterates it. The caller frames do: Composer's
+    ``Trainer._iter_dataloader`` (a method, so ``self`` is the Trainer) is the frame that asked for
+    the next batch, a few frames out at most (itertools.islice adds none).
+    """
+    from composer import Trainer
+    for _ in range(4):
+        if frame is None:
+            break
+        owner = frame.f_locals.get('self')
+        if isinstance(owner, Trainer):
+            if owner.state.timestamp < owner.state.max_duration:
+                log.info('the mixture has ended (on_exhausted=stop) at batch %d: stopping training',
+                         int(owner.state.timestamp.batch))
+                owner.state.stop_training()
+            return True
+        frame = frame.f_back
+    return False
 
 
 def loader_lookahead(num_workers: int, prefetch_factor: int | None) -> int:
