@@ -20,7 +20,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
-from torch.utils.data import IterableDataset
 
 from composer_pike.policies import check_policy, named_weights, policy_adaptation
 
@@ -375,38 +374,16 @@ def build_model(config: DictConfig, vocab_size: int, seq_len: int, eos_token_id:
 def build_evaluators(config: DictConfig, cache_root: str) -> list:
     """One Evaluator per domain over its val split, labelled ``val_<domain>``: held-out loss per domain."""
     from composer.core import Evaluator
-    from torch.utils.data import DataLoader
 
-    from composer_pike.data import VerifiedStream, collate_samples, open_streaming_dataset, sources_from_manifest
+    from composer_pike.data import build_domain_eval_loader, sources_from_manifest
 
     data = config.data
-    evaluators = []
-    for index, source in enumerate(sources_from_manifest(data.manifest, 'val', cache_root)):
-        def make_streams(source=source) -> list[VerifiedStream]:
-            return [VerifiedStream(remote=source.remote, local=source.local, validate_hash=data.validate_hash,
-                                   download_retry=data.download_retry, download_timeout=data.download_timeout)]
-        dataset = open_streaming_dataset(make_streams, shuffle=False, batch_size=data.eval_batch_size)
-        loader = DataLoader(ValSplit(dataset, index), batch_size=data.eval_batch_size,
-                            collate_fn=collate_samples, num_workers=0)
-        evaluators.append(Evaluator(label=f'val_{source.name}', dataloader=loader,
-                                    metric_names=['LanguageCrossEntropy'],
-                                    subset_num_batches=data.eval_max_batches or -1))
-    return evaluators
-
-
-class ValSplit(IterableDataset):
-    """A domain's val StreamingDataset as ``(domain, index, tokens)`` items for :func:`collate_samples`."""
-
-    def __init__(self, dataset: Any, domain: int) -> None:
-        self.dataset = dataset
-        self.domain = domain
-
-    def __iter__(self):
-        for index, sample in enumerate(self.dataset):
-            yield self.domain, index, sample['tokens']
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+    return [Evaluator(label=f'val_{source.name}', metric_names=['LanguageCrossEntropy'],
+                      subset_num_batches=data.eval_max_batches or -1,
+                      dataloader=build_domain_eval_loader(
+                          source, data.eval_batch_size, domain=index, validate_hash=data.validate_hash,
+                          download_retry=data.download_retry, download_timeout=data.download_timeout))
+            for index, source in enumerate(sources_from_manifest(data.manifest, 'val', cache_root))]
 
 
 def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

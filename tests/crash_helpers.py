@@ -281,7 +281,7 @@ def run_crash(workdir: Path, manifest: str, s3_env: dict[str, str], private_shm:
     byte offsets where the relaunch's lines start in the appended per-rank logs, the stale
     shared-memory names and the failures of the launches.
     """
-    from test_data import free_port
+    from launch_helpers import free_port
     from test_train import CPU_FSDP2, TINY, launcher_env
 
     yaml = os.path.join(REPO, 'yamls', 'multi_node.yaml')

@@ -20,14 +20,23 @@ def sample_tokens(domain: int, index: int, seq_len: int) -> np.ndarray:
 
 
 def write_domain(out: str, domain: int, num_samples: int, seq_len: int = 16, samples_per_shard: int = 10,
-                 hashes: tuple[str, ...] = ('xxh64',), compression: str | None = None) -> str:
-    """Write ``num_samples`` samples in shards of about ``samples_per_shard``; return ``out``."""
-    columns = {'tokens': f'ndarray:uint16:{seq_len}', 'domain': 'str'}
-    sample_bytes = 2 * seq_len + 16
+                 hashes: tuple[str, ...] = ('xxh64',), compression: str | None = None,
+                 token_encoding: str | None = None) -> str:
+    """Write ``num_samples`` samples in shards of about ``samples_per_shard``; return ``out``.
+
+    ``token_encoding``: the ``tokens`` column's MDS encoding, pike-prep's ``ndarray:uint16:<seq_len>``
+    by default; ``ndarray:<dtype>`` (llm-foundry's converters: int32) or ``bytes`` (raw int64, as
+    older llm-foundry datasets) write the same ids in that form.
+    """
+    encoding = token_encoding or f'ndarray:uint16:{seq_len}'
+    columns = {'tokens': encoding, 'domain': 'str'}
+    sample_bytes = 8 * seq_len + 16
     with MDSWriter(out=out, columns=columns, compression=compression, hashes=list(hashes),
                    size_limit=samples_per_shard * sample_bytes + 64) as writer:
         for i in range(num_samples):
-            writer.write({'tokens': sample_tokens(domain, i, seq_len), 'domain': f'd{domain}'})
+            tokens = sample_tokens(domain, i, seq_len)
+            value = tokens.astype(np.int64).tobytes() if encoding == 'bytes' else tokens.astype(encoding.split(':')[1])
+            writer.write({'tokens': value, 'domain': f'd{domain}'})
     return out
 
 

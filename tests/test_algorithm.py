@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from composer_pike.weights import apply_scores, apportion, balanced_coefficients
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import algorithm_worker as worker  # noqa: E402
+from launch_helpers import free_port  # noqa: E402
 from algorithm_worker import (  # noqa: E402
     BATCH_SIZE, DOMAIN_SIZES, Recorder, build_dataset, build_loader, build_model, domain_dirs, make_pike, pike_series,
     write_data)
@@ -409,10 +409,6 @@ def test_resume_mid_training_reproduces_the_uninterrupted_run(dataset, data_temp
 # --------------------------------------------------------------------------------------------- 5. two processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import torch
 from composer_pike.data import (DomainSource, MixtureDataset, build_mixture_dataloader, read_manifest,
                                 sources_from_manifest)
 from composer_pike.planner import MixturePlanner
+from launch_helpers import free_port
 from mds_helpers import sample_tokens, write_domain, write_domains
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -431,6 +431,38 @@ def test_an_empty_domain_is_named(data_dirs, tmp_path):
     empty = write_domain(str(tmp_path / 'empty'), 1, 0, seq_len=SEQ_LEN)
     with pytest.raises(ValueError, match="domain 'void' has no samples"):
         MixtureDataset([DomainSource('web', data_dirs[0]), DomainSource('void', empty)])
+
+
+@pytest.mark.parametrize('encoding', ['ndarray:int32', 'ndarray:uint32', 'ndarray:int64', 'bytes'])
+def test_token_columns_of_llm_foundry_converters_are_read_and_cut_to_max_seq_len(tmp_path, encoding):
+    """llm-foundry writes shapeless ``ndarray:int32`` (older datasets: raw int64 bytes); any integer
+    dtype is read, and ``max_seq_len`` keeps the first ids of each sample."""
+    from composer_pike.data import TokenReader
+    dirs = [write_domain(str(tmp_path / f'd{k}'), k, 12, seq_len=SEQ_LEN + 4, token_encoding=encoding)
+            for k in range(2)]
+    dataset = MixtureDataset([DomainSource(f'd{k}', d) for k, d in enumerate(dirs)],
+                             tokens=TokenReader(max_seq_len=SEQ_LEN))
+    assert dataset.seq_len == SEQ_LEN
+    for domain, index in ((0, 0), (1, 11)):
+        _, _, tokens = dataset[(domain, index)]
+        assert tokens.tolist() == sample_tokens(domain, index, SEQ_LEN + 4)[:SEQ_LEN].tolist()
+
+
+def test_samples_shorter_than_max_seq_len_are_refused_with_the_conversion_that_fixes_them(tmp_path):
+    from composer_pike.data import TokenReader
+    short = write_domain(str(tmp_path / 'short'), 0, 12, seq_len=8, token_encoding='ndarray:int32')
+    with pytest.raises(ValueError, match=r"domain 'short': sample 0 has 8 tokens, fewer than max_seq_len 16.*"
+                                         r'--concat_tokens 16'):
+        MixtureDataset([DomainSource('short', short)], tokens=TokenReader(max_seq_len=SEQ_LEN))
+
+
+def test_a_domain_of_text_shards_is_refused_with_how_to_convert(data_dirs, tmp_path):
+    from streaming import MDSWriter
+    with MDSWriter(out=str(tmp_path / 'text'), columns={'text': 'str'}) as writer:
+        writer.write({'text': 'not tokenized'})
+    with pytest.raises(ValueError, match=r"domain 'raw': the shards hold a 'text' column and no 'tokens'.*"
+                                         r'convert_dataset_json --concat_tokens'):
+        MixtureDataset([DomainSource('web', data_dirs[0]), DomainSource('raw', str(tmp_path / 'text'))])
 
 
 FD_SCRIPT = r"""
@@ -865,10 +897,6 @@ def with_private_shm(command: list[str], required: bool = False) -> list[str]:
     return command
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 

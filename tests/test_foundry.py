@@ -1,11 +1,17 @@
-"""The llm-foundry entry points resolve to the algorithm and the mixture loader builder."""
+"""The llm-foundry entry points and the ``pike_mixture`` builder's options (no training here: see
+tests/test_foundry_train.py)."""
 import importlib.metadata
+import logging
 
 import pytest
+import torch
 from composer.core import DataSpec
+from foundry_runs import require_llmfoundry
+from mds_helpers import write_domain
 from test_train import write_manifest
 
-from composer_pike import PiKE
+from composer_pike import MixtureMonitor, PiKE
+from composer_pike.callbacks import JsonlLogger
 from composer_pike.data import MixtureDataLoader
 
 
@@ -48,7 +54,92 @@ def test_dataloader_entry_point_passes_dataset_options(tmp_path):
     assert spec.dataloader.dataset.domain_sizes.tolist() == [12, 12]  # the val split
 
 
-def test_llm_foundry_registry_finds_pike_when_installed():
-    registry = pytest.importorskip('llmfoundry.registry', reason='llm-foundry is not installed (optional)')
+def test_llm_foundry_registry_finds_every_component():
+    require_llmfoundry()
+    from llmfoundry import registry
     assert registry.algorithms.get('pike') is PiKE
     assert registry.dataloaders.get('pike_mixture') is entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    assert registry.callbacks.get('pike_mixture_monitor') is MixtureMonitor
+    assert registry.loggers.get('pike_jsonl') is JsonlLogger
+
+
+def test_launcher_options_are_not_loader_options(tmp_path):
+    build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    for key in ('rank', 'world_size'):
+        options = {'manifest': write_manifest(str(tmp_path / key), [30, 20]), 'num_workers': 0, key: 0}
+        with pytest.raises(ValueError, match=f'train_loader.{key}: not an option'):
+            build(tokenizer=None, device_batch_size=4, **options)
+
+
+def test_the_shuffle_seed_defaults_to_the_runs_global_seed(tmp_path):
+    """llm-foundry seeds torch with its global `seed` before building loaders: the loader follows it."""
+    build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    torch.manual_seed(1234)
+    spec = build(tokenizer=None, device_batch_size=4, manifest=write_manifest(str(tmp_path / 'a'), [30, 20]),
+                 num_workers=0)
+    assert spec.dataloader.dataset.planner.seed == 1234
+    spec = build(tokenizer=None, device_batch_size=4, manifest=write_manifest(str(tmp_path / 'b'), [30, 20]),
+                 num_workers=0, seed=5)
+    assert spec.dataloader.dataset.planner.seed == 5
+
+
+def foundry_streams(tmp_path, encoding='ndarray:int32', seq_len=20):
+    """Two domains laid out as llm-foundry streams: <root>/<name>/{train,val} with a shapeless int32
+    tokens column (a fresh copy per call: every StreamingDataset of a process needs its own directory)."""
+    root = tmp_path / f'streams{len(list(tmp_path.glob("streams*")))}'
+    for k, name in enumerate(('web', 'code')):
+        for split, count in (('train', 40), ('val', 6)):
+            write_domain(str(root / name / split), k, count, seq_len=seq_len, token_encoding=encoding)
+    return {'streams': {'web': {'local': str(root / 'web'), 'split': 'train', 'proportion': 3},
+                        'code': {'local': str(root / 'code'), 'split': 'train', 'proportion': 1}},
+            'max_seq_len': 16, 'shuffle': False, 'shuffle_seed': 9}
+
+
+def test_a_dataset_streams_block_gives_one_domain_per_stream_with_its_proportion(tmp_path):
+    build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    spec = build(tokenizer=None, device_batch_size=4, dataset=foundry_streams(tmp_path), num_workers=0,
+                 drop_last=True)
+    dataset = spec.dataloader.dataset
+    assert dataset.domain_names == ['web', 'code'] and dataset.domain_sizes.tolist() == [40, 40]
+    assert dataset.seq_len == 16 and dataset.planner.seed == 9
+    assert dataset.weights_at(0).tolist() == [0.75, 0.25]
+    batch = next(iter(spec.dataloader))
+    assert batch['domain'].tolist() == [0, 0, 0, 1] and batch['input_ids'].shape == (4, 16)
+    assert batch['input_ids'].dtype == torch.int64
+
+
+def test_a_streams_block_names_what_it_cannot_take(tmp_path, caplog):
+    build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    block = foundry_streams(tmp_path)
+    block['streams']['web']['repeat'] = 2
+    with pytest.raises(ValueError, match=r'train_loader.dataset.streams.web.repeat: not supported by pike_mixture'):
+        build(tokenizer=None, device_batch_size=4, dataset=block, num_workers=0)
+    block = foundry_streams(tmp_path)
+    del block['streams']['code']['proportion']
+    with pytest.raises(ValueError, match=r'train_loader.dataset.streams.code.proportion is missing'):
+        build(tokenizer=None, device_batch_size=4, dataset=block, num_workers=0)
+    with pytest.raises(ValueError, match=r'train_loader.dataset.shufle: not an option'):
+        build(tokenizer=None, device_batch_size=4, dataset={**foundry_streams(tmp_path), 'shufle': True})
+    with pytest.raises(ValueError, match=r'give exactly one of `manifest`'):
+        build(tokenizer=None, device_batch_size=4, dataset=foundry_streams(tmp_path), manifest='x')
+    with caplog.at_level(logging.WARNING, logger='composer_pike.foundry'):  # streaming's own sampling knobs
+        build(tokenizer=None, device_batch_size=4, num_workers=0,
+              dataset={**foundry_streams(tmp_path), 'shuffle_algo': 'py1e', 'predownload': 8})
+    assert 'ignores train_loader.dataset.predownload, shuffle_algo' in caplog.text
+
+
+def test_a_domain_evaluation_loader_is_one_plain_pass_of_that_domain(tmp_path):
+    """As an eval loader (`domain` set) every val sample of the domain comes once, in order, unweighted."""
+    build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    block = foundry_streams(tmp_path)
+    for stream in block['streams'].values():
+        stream['split'] = 'val'
+    spec = build(tokenizer=None, device_batch_size=4, dataset=block, domain='code')
+    batches = list(spec.dataloader)
+    assert [len(b['domain']) for b in batches] == [4, 2] and all(b['domain'].eq(1).all() for b in batches)
+    assert torch.cat([b['sample_id'] for b in batches]).tolist() == list(range(6))
+    with pytest.raises(ValueError, match=r"eval_loader.domain: 'books' is not a domain of this data \(domains: web, code\)"):
+        build(tokenizer=None, device_batch_size=4, dataset=block, domain='books')
+    manifest = write_manifest(str(tmp_path / 'manifest'), [30, 20])
+    spec = build(tokenizer=None, device_batch_size=5, manifest=manifest, split='val', domain='d1')
+    assert sum(len(b['domain']) for b in spec.dataloader) == 12  # write_manifest: 12 val samples per domain

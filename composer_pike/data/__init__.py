@@ -19,16 +19,20 @@ prefetch_factor`` batches are planned before the trainer asks for them); this is
 loader is built, so the rule never depends on timing.
 
 Modules, each importing only those above it: :mod:`.manifest`, :mod:`.shared_memory`, :mod:`.streams`,
-:mod:`.dataset`, :mod:`.prefetch`, :mod:`.sampler`, :mod:`.loader`.
+:mod:`.tokens`, :mod:`.dataset`, :mod:`.evaluation`, :mod:`.prefetch`, :mod:`.sampler`, :mod:`.loader`.
+:func:`build_domain_eval_loader` (:mod:`.evaluation`) is the held-out side: one plain pass per domain.
 """
 from composer_pike.data.dataset import MixtureDataset, collate_samples
+from composer_pike.data.evaluation import DomainSplit, build_domain_eval_loader
 from composer_pike.data.loader import MixtureDataLoader, build_mixture_dataloader, loader_lookahead
 from composer_pike.data.manifest import MANIFEST_NAME, DomainSource, read_manifest, sources_from_manifest
 from composer_pike.data.prefetch import ShardPrefetcher
 from composer_pike.data.sampler import MixtureBatchSampler
 from composer_pike.data.shared_memory import open_streaming_dataset
 from composer_pike.data.streams import VerifiedStream, verify_local_shards
+from composer_pike.data.tokens import TokenReader
 
-__all__ = ['MANIFEST_NAME', 'DomainSource', 'MixtureBatchSampler', 'MixtureDataLoader', 'MixtureDataset',
-           'ShardPrefetcher', 'VerifiedStream', 'build_mixture_dataloader', 'collate_samples', 'loader_lookahead',
-           'open_streaming_dataset', 'read_manifest', 'sources_from_manifest', 'verify_local_shards']
+__all__ = ['MANIFEST_NAME', 'DomainSource', 'DomainSplit', 'MixtureBatchSampler', 'MixtureDataLoader', 'MixtureDataset',
+           'ShardPrefetcher', 'TokenReader', 'VerifiedStream', 'build_domain_eval_loader', 'build_mixture_dataloader',
+           'collate_samples', 'loader_lookahead', 'open_streaming_dataset', 'read_manifest', 'sources_from_manifest',
+           'verify_local_shards']

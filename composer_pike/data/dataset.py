@@ -13,6 +13,7 @@ from composer_pike.data.manifest import DomainSource
 from composer_pike.data.shared_memory import open_streaming_dataset
 from composer_pike.data.streams import (VerifiedStream, check_safe_columns, read_local_index, seq_len_of,
                                         verify_local_shards)
+from composer_pike.data.tokens import TokenReader, check_token_column
 from composer_pike.planner import MixturePlanner
 from composer_pike.probe_order import ProbeOrder
 
@@ -40,6 +41,8 @@ class MixtureDataset(Dataset):
         download_retry / download_timeout: attempts per remote file (each also retried by the S3 client)
             and seconds per download; a download failing its hash is fetched again, up to download_retry times.
         verify_local: hash-check local shards (no remote) once at build time.
+        tokens: how a sample's ``tokens`` column becomes ids (dtype, ``max_seq_len``), see
+            :class:`composer_pike.data.tokens.TokenReader`; every domain must give the same length.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class MixtureDataset(Dataset):
         download_retry: int = 3,
         download_timeout: float = 60,
         verify_local: bool = True,
+        tokens: TokenReader = TokenReader(),
     ) -> None:
         from streaming.base.world import World
 
@@ -65,6 +69,7 @@ class MixtureDataset(Dataset):
             if len(sharing) > 1:
                 raise ValueError(f'domains {sharing} share the local directory {local}: give each its own')
         self.sources = list(sources)
+        self.tokens = tokens
 
         def make_streams() -> list[Stream]:
             return [VerifiedStream(remote=s.remote, local=s.local, validate_hash=validate_hash,
@@ -85,6 +90,7 @@ class MixtureDataset(Dataset):
                 raise RuntimeError(f"domain '{source.name}': cannot read the MDS index of "
                                    f'{source.remote or source.local}: {error}') from error
             check_safe_columns(source.name, shards)
+            check_token_column(source.name, shards)
             if sum(shard.samples for shard in shards) == 0:
                 raise ValueError(f"domain '{source.name}' has no samples")
         self.streaming = open_streaming_dataset(make_streams, streams=streams, shuffle=False)
@@ -95,7 +101,8 @@ class MixtureDataset(Dataset):
         self._failures: dict[int, str] = {}  # shard id -> why it failed, in this process
         seq_lens = {}
         for k, (name, first_shard) in enumerate(zip(names, self.streaming.shard_offset_per_stream)):
-            seq_lens[name] = seq_len_of(self.streaming.shards[first_shard]) or len(self[(k, 0)][2])
+            written = None if tokens.max_seq_len else seq_len_of(self.streaming.shards[first_shard])
+            seq_lens[name] = written or len(self[(k, 0)][2])
         if len(set(seq_lens.values())) > 1:
             raise ValueError(f'domains have different seq_len: {seq_lens}')
         self.seq_len = next(iter(seq_lens.values()))
@@ -121,10 +128,7 @@ class MixtureDataset(Dataset):
             sample = self.streaming.get_item(sample_id)
         except Exception as error:
             raise self.shard_failure(self.streaming.spanner[sample_id][0], error) from error
-        if 'tokens' not in sample:
-            raise KeyError(f"domain '{self.domain_names[domain]}': samples have no 'tokens' column "
-                           f'(columns: {sorted(sample)})')
-        return domain, index, sample['tokens']
+        return domain, index, self.tokens(sample, self.domain_names[domain], index)
 
     def shard_failure(self, shard_id: int, error: BaseException) -> RuntimeError:
         """The error for a shard that could not be made local, naming domain, shard and source.
