@@ -15,6 +15,14 @@ their machinery, shared with the test suite):
     concurrent_jobs      pytest's tests of two processes building mixtures at once on one
                          /dev/shm, of shared-memory names taken by another process, and of a
                          job starting beside a running one (only stale segments are cleaned)
+    config_errors        every bad key/value of tests/test_train.py's BAD_OVERRIDES given to the
+                         `composer_pike.train` CLI: exit code 2 and one stderr line naming the key,
+                         no traceback; an unknown `pike_mixture` option under `llmfoundry train`
+                         (where .venv-foundry exists) fails naming the option
+    clean_end            `on_exhausted: stop` with a max_duration far beyond the data, under a plain
+                         Composer Trainer with no callbacks, the `composer_pike.train` YAML entry
+                         and `llmfoundry train` (where .venv-foundry exists): each must exit 0;
+                         reports the seconds from its last training batch to its exit
 
 Prints one line per scenario, then a final line that is a JSON object:
 
@@ -168,11 +176,141 @@ def concurrent_jobs(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
     return ScenarioResult(result.returncode == 0, f"pytest: {last}", failures)
 
 
+FOUNDRY_PYTHON = REPO / ".venv-foundry" / "bin" / "python"
+
+
+def config_errors(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
+    """Each bad override through the real CLI: exit code 2, one line naming the key, no traceback."""
+    from test_train import BAD_OVERRIDES
+
+    failures = []
+    for override, key, hint in BAD_OVERRIDES:
+        result = subprocess.run([sys.executable, "-m", "composer_pike.train", "yamls/demo_cpu.yaml", override,
+                                 f"run_dir={scratch / 'run'}"], cwd=REPO, capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        if result.returncode != 2 or len(lines) != 1 or key not in lines[0] or hint not in lines[0]:
+            failures.append(f"{override}: exit {result.returncode}, stderr {result.stderr.strip()[-300:]!r}")
+    detail = f"{len(BAD_OVERRIDES) - len(failures)}/{len(BAD_OVERRIDES)} CLI cases named the key in one line"
+    if FOUNDRY_PYTHON.exists():
+        result = _foundry_train(scratch / "foundry-error", ["train_loader.num_wokers=2"], timeout=600)
+        named = result.returncode != 0 and "train_loader.num_wokers: not an option" in result.stdout + result.stderr
+        detail += f"; llmfoundry train with train_loader.num_wokers: {'named' if named else 'NOT named'}"
+        if not named:
+            failures.append(f"llmfoundry: exit {result.returncode}, {(result.stdout + result.stderr)[-300:]!r}")
+    return ScenarioResult(not failures, detail, tuple(failures[:5]))
+
+
+PLAIN_COMPOSER_STOP = """
+import sys, torch
+sys.path.insert(0, 'tests')
+from composer import Trainer
+from algorithm_worker import build_model
+from test_train import write_manifest
+from composer_pike.callbacks import JsonlLogger
+from composer_pike.data import MixtureDataset, build_mixture_dataloader, sources_from_manifest
+manifest = write_manifest(sys.argv[1] + '/data')
+dataset = MixtureDataset(sources_from_manifest(manifest))
+loader = build_mixture_dataloader(dataset, 8, on_exhausted='stop', num_workers=0)
+model = build_model()
+Trainer(model=model, train_dataloader=loader, max_duration='100000ba', device='cpu', progress_bar=False,
+        loggers=[JsonlLogger(sys.argv[1] + '/metrics.jsonl')],
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3)).fit()
+"""
+
+
+def clean_end(args: argparse.Namespace, scratch: Path) -> ScenarioResult:
+    """on_exhausted=stop far short of max_duration under three launchers: exit 0, seconds after the last batch."""
+    from test_train import write_manifest
+
+    runs = {
+        "plain Composer": ([sys.executable, "-c", PLAIN_COMPOSER_STOP, str(scratch / "plain")], scratch / "plain"),
+        "composer_pike.train": ([sys.executable, "-m", "composer_pike.train", "yamls/demo_cpu.yaml",
+                                 f"data.manifest={write_manifest(str(scratch / 'yaml-data'))}", "data.on_exhausted=stop",
+                                 "data.global_batch_size=8", "trainer.max_duration=100000ba",
+                                 f"run_dir={scratch / 'yaml'}"], scratch / "yaml"),
+    }
+    failures, details = [], []
+    for name, (command, workdir) in runs.items():
+        workdir.mkdir(parents=True, exist_ok=True)
+        outcome = _timed_until_exit(command, workdir / "metrics.jsonl")
+        details.append(f"{name}: exit {outcome['returncode']}, {outcome['batches']} batches, "
+                       f"{outcome['seconds_after_last_batch']:.1f} s after the last batch")
+        if outcome["returncode"] != 0 or not 0 < outcome["batches"] < 100000:
+            failures.append(f"{name}: {outcome}")
+    if FOUNDRY_PYTHON.exists():
+        outcome = _foundry_stop(scratch / "foundry")
+        details.append(f"llmfoundry train: exit {outcome['returncode']}, {outcome['batches']} batches, "
+                       f"{outcome['seconds_after_last_batch']:.1f} s after the last batch")
+        if outcome["returncode"] != 0 or not 0 < outcome["batches"] < 100000:
+            failures.append(f"llmfoundry train: {outcome}")
+    else:
+        details.append("llmfoundry train: not run (no .venv-foundry; `make foundry-venv`)")
+    return ScenarioResult(not failures, "; ".join(details), tuple(failures))
+
+
+def _timed_until_exit(command: list[str], metrics: Path, timeout: float = 900) -> dict:
+    """Run ``command``, noting when each new ``loss/train/total`` line reaches ``metrics``; the
+    seconds from the last one to the process's exit (polled every 0.1 s)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    batches, last_batch_at, deadline = 0, time.perf_counter(), time.perf_counter() + timeout
+    while process.poll() is None and time.perf_counter() < deadline:
+        seen = metrics.read_text().count('"loss/train/total"') if metrics.exists() else 0
+        if seen > batches:
+            batches, last_batch_at = seen, time.perf_counter()
+        time.sleep(0.1)
+    if process.poll() is None:
+        process.kill()
+    exited_at = time.perf_counter()
+    stderr = process.stderr.read() if process.stderr else ""
+    final = metrics.read_text().count('"loss/train/total"') if metrics.exists() else 0
+    if final > batches:  # written in the last poll interval
+        batches, last_batch_at = final, exited_at
+    return {"returncode": process.wait(), "batches": batches,
+            "seconds_after_last_batch": exited_at - last_batch_at, "stderr_tail": stderr[-500:]}
+
+
+def _foundry_data(scratch: Path) -> Path:
+    """The demo corpus at 0.1 MB as a pike-prep manifest, and the byte tokenizer, for yamls/llmfoundry/pike.yaml."""
+    script = ("import sys; from streaming_prep.demo import build_demo_corpus; from streaming_prep.pipeline import "
+              "prepare; from transformers import ByT5Tokenizer; root = sys.argv[1]; "
+              "prepare(build_demo_corpus(root + '/raw', 0.1), root + '/data', seq_len=128); "
+              "ByT5Tokenizer().save_pretrained(root + '/byte-tokenizer')")
+    subprocess.run([str(FOUNDRY_PYTHON), "-c", script, str(scratch)], cwd=REPO, check=True, capture_output=True)
+    return scratch
+
+
+def _foundry_command(scratch: Path, yaml: Path, overrides: list[str]) -> list[str]:
+    return [str(FOUNDRY_PYTHON), "-m", "llmfoundry.cli.cli", "train", str(yaml), f"variables.data={scratch / 'data'}",
+            f"variables.tokenizer={scratch / 'byte-tokenizer'}", f"variables.run_dir={scratch / 'run'}",
+            f"loggers.pike_jsonl.path={scratch / 'metrics.jsonl'}", *overrides]
+
+
+def _foundry_train(scratch: Path, overrides: list[str], timeout: float) -> subprocess.CompletedProcess:
+    scratch = _foundry_data(scratch)
+    return subprocess.run(_foundry_command(scratch, REPO / "yamls" / "llmfoundry" / "pike.yaml", overrides), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _foundry_stop(scratch: Path) -> dict:
+    """yamls/llmfoundry/pike.yaml without its callbacks, on_exhausted=stop, max_duration 100000ba."""
+    from omegaconf import OmegaConf
+
+    scratch = _foundry_data(scratch)
+    config = OmegaConf.load(REPO / "yamls" / "llmfoundry" / "pike.yaml")
+    del config["callbacks"]
+    yaml = scratch / "stop.yaml"
+    OmegaConf.save(config, yaml)
+    overrides = ["train_loader.on_exhausted=stop", "max_duration=100000ba", "save_interval=100000ba"]
+    return _timed_until_exit(_foundry_command(scratch, yaml, overrides), scratch / "metrics.jsonl")
+
+
 SCENARIOS = [
     Scenario("hostile_input", hostile_input),
     Scenario("crash_resume", crash_resume),
     Scenario("object_store_faults", object_store_faults),
     Scenario("concurrent_jobs", concurrent_jobs),
+    Scenario("config_errors", config_errors),
+    Scenario("clean_end", clean_end),
 ]
 
 

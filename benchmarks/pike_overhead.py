@@ -348,7 +348,7 @@ def k64_case(args: argparse.Namespace, root: str) -> dict[str, Any]:
 
 
 def summarise(timing: dict[str, list[dict[str, Any]]], memory: dict[str, list[dict[str, Any]]],
-              args: argparse.Namespace, num_domains: int, k64: dict[str, Any]) -> dict[str, Any]:
+              args: argparse.Namespace, num_domains: int, k64: dict[str, Any] | None) -> dict[str, Any]:
     mix, pike = timing['mix'], timing['pike']
     mix_s, mix_cpu_s = median(mix, 'window_s'), median(mix, 'window_cpu_s')
     in_pike = {key: statistics.median(r['window'][key] for r in pike) for key in pike[0]['window']}
@@ -370,11 +370,11 @@ def summarise(timing: dict[str, list[dict[str, Any]]], memory: dict[str, list[di
         'overhead_ratio': median(pike, 'window_s') / mix_s,
         'probe_fwd_bwd_per_check': statistics.median(r['probe_fwd_bwd_per_check'] for r in pike),
         'peak_mem_ratio': mem_pike / mem_mix,
-        'overhead_ratio_k64': k64['pike']['overhead_ratio'],
-        'overhead_ratio_k64_all_domains': k64['pike_all_domains']['overhead_ratio'],
-        'k64_pike_ms_per_check': k64['pike']['pike_ms_per_check']['pike_total'],
-        'k64_pike_ms_per_check_all_domains': k64['pike_all_domains']['pike_ms_per_check']['pike_total'],
-        'k64_step_ms': k64['step_ms'],
+        'overhead_ratio_k64': k64 and k64['pike']['overhead_ratio'],
+        'overhead_ratio_k64_all_domains': k64 and k64['pike_all_domains']['overhead_ratio'],
+        'k64_pike_ms_per_check': k64 and k64['pike']['pike_ms_per_check']['pike_total'],
+        'k64_pike_ms_per_check_all_domains': k64 and k64['pike_all_domains']['pike_ms_per_check']['pike_total'],
+        'k64_step_ms': k64 and k64['step_ms'],
         'overhead_ratio_cpu_time': median(pike, 'window_cpu_s') / mix_cpu_s,
         'overhead_ratio_from_time_in_pike': (mix_s + in_pike['pike_apply']) / mix_s,
         'overhead_ratio_from_cpu_time_in_pike': (mix_cpu_s + in_pike['pike_apply_cpu']) / mix_cpu_s,
@@ -449,7 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--k64-check-interval', type=int, default=10,
                         help='K = 64 phase: steps between the timed checks (the ratio is computed at T0 = 1000)')
     parser.add_argument('--k64-checks', type=int, default=1, help='K = 64 phase: checks inside the timed steps')
-    parser.add_argument('--k64-reps', type=int, default=1, help='K = 64 phase: repetitions (per run kind)')
+    parser.add_argument('--k64-reps', type=int, default=1,
+                        help='K = 64 phase: repetitions (per run kind); 0 skips the phase (its keys print null)')
     parser.add_argument('--worker', choices=['mix', 'pike'], help=argparse.SUPPRESS)
     parser.add_argument('--data', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -483,7 +484,7 @@ def main() -> None:
         memory = alternating(args.mem_reps, lambda policy: spawn(
             args, policy, env=malloc, d_model=args.mem_d_model, n_layers=args.mem_n_layers, check_interval=2,
             checks=1, warmup=1), 'memory')
-        k64 = k64_case(args, root)
+        k64 = k64_case(args, root) if args.k64_reps else None
         summary = summarise(timing, memory, args, num_domains, k64)
     summary['benchmark_wall_s'] = time.perf_counter() - start
     log(json.dumps(summary, indent=1))

@@ -1,7 +1,8 @@
 """Multi-process check of composer_pike.stats under FSDP2, FSDP1 and DDP (gloo, CPU).
 
-Run as ``python -m torch.distributed.run --nproc_per_node 2 tests/dist_stats_worker.py OUT_DIR``;
-every rank writes ``OUT_DIR/rank{r}.json``. tests/test_stats.py imports ``build_model`` and
+Run as ``python -m torch.distributed.run --nproc_per_node 2 tests/dist_stats_worker.py OUT_DIR [DEVICE]``;
+every rank writes ``OUT_DIR/rank{r}.json``. DEVICE is ``cpu`` (gloo, the default) or ``cuda`` (nccl,
+one GPU per rank: benchmarks/gpu_check.sh). tests/test_stats.py imports ``build_model`` and
 ``collect_probe`` from here to compute the single-process reference on the same data.
 """
 
@@ -41,7 +42,8 @@ def make_chunk(domain: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collect_probe(
-    model: nn.Module, *, rank: int = 0, world_size: int = 1, loss_scale: float = 1.0
+    model: nn.Module, *, rank: int = 0, world_size: int = 1, loss_scale: float = 1.0,
+    device: torch.device = torch.device("cpu"),
 ) -> GradientStatsAccumulator:
     """The probe as the Composer glue runs it, up to (excluding) finalize().
 
@@ -59,7 +61,7 @@ def collect_probe(
     for domain in range(NUM_DOMAINS):
         accumulator.begin_domain(domain)
         for chunk in range(NUM_CHUNKS):
-            inputs, targets = make_chunk(domain, chunk)
+            inputs, targets = (t.to(device) for t in make_chunk(domain, chunk))
             model.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(model(inputs[local_samples]), targets[local_samples])
             (loss * loss_scale).backward()
@@ -69,12 +71,13 @@ def collect_probe(
     return accumulator
 
 
-def wrap(model: nn.Module, mode: str) -> nn.Module:
+def wrap(model: nn.Module, mode: str, device: torch.device = torch.device("cpu")) -> nn.Module:
+    model = model.to(device)
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
@@ -82,25 +85,28 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
     if mode == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+        return FullyShardedDataParallel(model, use_orig_params=True, device_id=device)
     if mode == "ddp":
-        return nn.parallel.DistributedDataParallel(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raise ValueError(mode)
 
 
-def main(out_dir: Path) -> None:
-    dist.init_process_group("gloo")
+def main(out_dir: Path, device_type: str = "cpu") -> None:
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     shard_group = dist.new_group(list(range(world_size)))  # exercises the process_group argument
     results = {}
     for mode in ("fsdp2", "fsdp1", "ddp"):
-        model = wrap(build_model(), mode)
+        model = wrap(build_model(), mode, device)
         # FSDP2's ReduceOp.AVG reduce-scatter sums on gloo (pytorch/pytorch#162338); the PiKE probe
         # divides its loss by gradient_sum_factor. The uncorrected probe shows the distortion itself.
         sum_factor = gradient_sum_factor(model)
-        raw = collect_probe(model, rank=rank, world_size=world_size).finalize()
+        raw = collect_probe(model, rank=rank, world_size=world_size, device=device).finalize()
         accumulator = collect_probe(
-            model, rank=rank, world_size=world_size, loss_scale=1 / sum_factor
+            model, rank=rank, world_size=world_size, loss_scale=1 / sum_factor, device=device
         )
         all_reduce_calls = 0
         original_all_reduce = dist.all_reduce
@@ -132,4 +138,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "cpu")

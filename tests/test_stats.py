@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch_helpers import free_port
 from torch import nn
 
 from composer_pike.stats import (
@@ -503,26 +503,25 @@ def load_worker_module():
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.timeout(180)
-def test_two_processes_match_single_process(tmp_path):
+def run_dist_stats_worker(out_dir: Path, nproc: int = 2, device: str = "cpu") -> list[dict]:
+    """tests/dist_stats_worker.py on ``nproc`` processes; each rank's results (FSDP2, FSDP1, DDP)."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(TESTS_DIR / "dist_stats_worker.py"), str(tmp_path),
+        str(TESTS_DIR / "dist_stats_worker.py"), str(out_dir), device,
     ]
     completed = subprocess.run(
         command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=170
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    rank_results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_match_single_process(tmp_path):
+    rank_results = run_dist_stats_worker(tmp_path)
     assert rank_results[0] == rank_results[1]  # bit-identical on both ranks
 
     worker = load_worker_module()

@@ -16,7 +16,8 @@ from mds_helpers import write_domain
 
 from composer_pike.policies import POLICIES, plan_policy, temperature_weights
 from composer_pike.train import ConfigError, build_loggers, check_machine, load_config, main, train
-from test_data import free_port, with_private_shm
+from launch_helpers import free_port
+from test_data import with_private_shm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_YAML = os.path.join(REPO, 'yamls', 'demo_cpu.yaml')
@@ -59,7 +60,8 @@ def test_demo_yaml_validates():
     assert config.mixing.policy == 'pike' and config.data.manifest == 'runs/demo/data'
 
 
-@pytest.mark.parametrize('override, key, hint', [
+# (override, the key the error must name, a hint it must hold): also run as CLI calls by benchmarks/fault_matrix.py
+BAD_OVERRIDES = [
     ('trainer.max_durration=10ba', 'max_durration', "did you mean 'max_duration'"),
     ('data.global_batch_size=many', 'global_batch_size', ''),
     ('trainer.autoresume=maybe', 'trainer.autoresume', ''),
@@ -83,7 +85,10 @@ def test_demo_yaml_validates():
     ('mixing.pike.zeta1=0.5', 'mixing.pike', 'set both zeta1 and zeta2'),
     ('mixing.pike.zeta_ratio=often', 'mixing.pike', "zeta_ratio must be 'auto' or > 0"),
     ('data.download_timeout=0', 'data.download_timeout', 'positive'),
-])
+]
+
+
+@pytest.mark.parametrize('override, key, hint', BAD_OVERRIDES)
 def test_bad_keys_and_values_name_the_key(override, key, hint):
     with pytest.raises(ConfigError, match=key) as error:
         load_config(DEMO_YAML, [override])
