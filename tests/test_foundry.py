@@ -143,3 +143,20 @@ def test_a_domain_evaluation_loader_is_one_plain_pass_of_that_domain(tmp_path):
     manifest = write_manifest(str(tmp_path / 'manifest'), [30, 20])
     spec = build(tokenizer=None, device_batch_size=5, manifest=manifest, split='val', domain='d1')
     assert sum(len(b['domain']) for b in spec.dataloader) == 12  # write_manifest: 12 val samples per domain
+
+
+def test_remote_streams_are_cached_into_local_as_llm_foundry_does(tmp_path, s3_server):
+    """`remote: s3://.../web` with `split: train` reads s3://.../web/train into <local>/train."""
+    from test_data import upload_tree
+    block = foundry_streams(tmp_path)
+    bucket = s3_server.create_bucket('pike-foundry-streams')
+    client = s3_server.client()
+    for name, stream in block['streams'].items():
+        upload_tree(client, stream['local'], bucket.removeprefix('s3://'), name)
+        stream.update(remote=f'{bucket}/{name}', local=str(tmp_path / 'cache' / name))
+    build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
+    spec = build(tokenizer=None, device_batch_size=4, dataset=block, num_workers=0)
+    assert [s.remote for s in spec.dataloader.dataset.sources] == [f'{bucket}/web/train', f'{bucket}/code/train']
+    batch = next(iter(spec.dataloader))
+    assert batch['domain'].tolist() == [0, 0, 0, 1]
+    assert (tmp_path / 'cache' / 'web' / 'train' / 'index.json').is_file()
