@@ -30,12 +30,13 @@ def write_domain(out: str, domain: int, num_samples: int, seq_len: int = 16, sam
     """
     encoding = token_encoding or f'ndarray:uint16:{seq_len}'
     columns = {'tokens': encoding, 'domain': 'str'}
-    sample_bytes = 8 * seq_len + 16
+    dtype = np.dtype('int64' if encoding == 'bytes' else encoding.split(':')[1])
+    sample_bytes = dtype.itemsize * seq_len + 16
     with MDSWriter(out=out, columns=columns, compression=compression, hashes=list(hashes),
                    size_limit=samples_per_shard * sample_bytes + 64) as writer:
         for i in range(num_samples):
             tokens = sample_tokens(domain, i, seq_len)
-            value = tokens.astype(np.int64).tobytes() if encoding == 'bytes' else tokens.astype(encoding.split(':')[1])
+            value = tokens.astype(dtype).tobytes() if encoding == 'bytes' else tokens.astype(dtype)
             writer.write({'tokens': value, 'domain': f'd{domain}'})
     return out
 
