@@ -63,12 +63,11 @@ def _is_number(value: Any) -> bool:
 
 
 class MixtureMonitor(Callback):
-    """Logs the mixture loader's state for any policy, and ends training when the mixture has ended.
+    """Logs the mixture loader's state for any policy.
 
     Every ``interval`` batches: ``mixture/weight/<domain>`` and ``mixture/batch_count/<domain>`` (in
-    force for the next batch) and ``mixture/epochs/<domain>`` (passes over the domain so far). With
-    ``on_exhausted='stop'`` the loader stops yielding; this callback then stops the trainer instead of
-    letting it start empty epochs.
+    force for the next batch) and ``mixture/epochs/<domain>`` (passes over the domain so far). (An
+    ``on_exhausted='stop'`` mixture stops its Trainer itself: see :class:`MixtureDataLoader`.)
     """
 
     def __init__(self, interval: int = 10) -> None:
@@ -76,8 +75,8 @@ class MixtureMonitor(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
-        mixture = self._mixture(state)
         if step % self.interval == 0 or step == 1:
+            mixture = self._mixture(state)
             weights, counts, epochs = mixture.weights_at(step), mixture.counts_at(step), mixture.domain_epochs()
             metrics = {}
             for k, name in enumerate(mixture.domain_names):
@@ -85,10 +84,6 @@ class MixtureMonitor(Callback):
                 metrics[f'mixture/batch_count/{name}'] = float(counts[k])
                 metrics[f'mixture/epochs/{name}'] = float(epochs[k])
             logger.log_metrics(metrics)
-        self._stop_if_finished(state, mixture)
-
-    def epoch_end(self, state: State, logger: Logger) -> None:
-        self._stop_if_finished(state, self._mixture(state))
 
     @staticmethod
     def _mixture(state: State):
@@ -97,11 +92,6 @@ class MixtureMonitor(Callback):
         if not isinstance(dataset, MixtureDataset):
             raise TypeError('MixtureMonitor needs a train dataloader from composer_pike.data.build_mixture_dataloader')
         return dataset
-
-    @staticmethod
-    def _stop_if_finished(state: State, mixture) -> None:
-        if mixture.finished:
-            state.stop_training()
 
 
 class RestoreRngState(Callback):

@@ -163,7 +163,7 @@ class ForwardSizes(Callback):
 
 def test_a_trainer_past_the_end_of_a_stop_mixture_stops_at_the_last_batch(dataset):
     """A Composer Trainer with no mixture callback used to start empty epochs for ever after the last
-    batch of an on_exhausted='stop' mixture; the loader now stops it at that batch, as MixtureMonitor does."""
+    batch of an on_exhausted='stop' mixture; the loader now stops it at that batch, with or without MixtureMonitor."""
     from composer_pike.callbacks import MixtureMonitor
     stop = dict(on_exhausted='stop', weights=[0.2, 0.2, 0.6])  # domain 2 (40 samples) ends first
     plain = fit(dataset, max_duration='1000ba', loader_kwargs=stop)

@@ -57,8 +57,8 @@ class MixtureDataLoader(DataLoader):
             stop_driving_trainer(sys._getframe(1))
 
 
-def stop_driving_trainer(frame: Any) -> bool:
-    """Stop the Composer Trainer whose training loop is iterating this loader; False if none is.
+def stop_driving_trainer(frame: Any) -> None:
+    """Stop the Composer Trainer whose training loop is iterating this loader, if one is.
 
     A DataLoader has no reference to the Trainer that iterates it. The caller frames do: Composer's
     ``Trainer._iter_dataloader`` (a method, so ``self`` is the Trainer) is the frame that asked for
@@ -74,9 +74,8 @@ def stop_driving_trainer(frame: Any) -> bool:
                 log.info('the mixture has ended (on_exhausted=stop) at batch %d: stopping training',
                          int(owner.state.timestamp.batch))
                 owner.state.stop_training()
-            return True
+            return
         frame = frame.f_back
-    return False
 
 
 def loader_lookahead(num_workers: int, prefetch_factor: int | None) -> int:
