@@ -101,6 +101,10 @@ class PiKE(Algorithm):
         pool_decay: weight a domain's earlier probes keep per check (0 = latest probe only): the pool
             remembers about ``(1 + d) / (1 - d)`` checks' worth of training, however often the
             domain is probed.
+        drift_z: standard errors by which a domain's new probe must differ from its pooled G or sigma^2
+            before the pool forgets its earlier probes faster (``exp(-(z^2 - drift_z^2) / 2)``; see
+            :mod:`composer_pike.stats.pooling`): early in training the statistics fall several-fold
+            between checks.
         score_clip: per-check cap on |log-weight change| (nats).
         min_weight: floor on every active weight (default ``max(0.05/K, 1/b)``, at most 1/K: at
             least one sample of every domain per batch).
@@ -132,6 +136,7 @@ class PiKE(Algorithm):
         beta: float = 1.0,
         gamma: float = 1.0,
         pool_decay: float = 0.7,
+        drift_z: float = 5.0,
         score_clip: float = 1.0,
         min_weight: float | None = None,
         max_weight: float = 1.0,
@@ -173,6 +178,8 @@ class PiKE(Algorithm):
             raise ValueError(f'evidence_z must be >= 0, got {evidence_z}')
         if not 0 <= pool_decay < 1:
             raise ValueError(f'pool_decay must be in [0, 1), got {pool_decay}')
+        if not drift_z > 0:
+            raise ValueError(f'drift_z must be > 0, got {drift_z}')
         if tau < 0:
             raise ValueError(f'tau must be >= 0, got {tau}')
         if max_epochs_per_domain is not None and not max_epochs_per_domain > 0:
@@ -192,6 +199,7 @@ class PiKE(Algorithm):
         self.beta = beta
         self.gamma = gamma
         self.pool_decay = pool_decay
+        self.drift_z = drift_z
         self.score_clip = score_clip
         self.min_weight = min_weight
         self.max_weight = max_weight
@@ -256,7 +264,7 @@ class PiKE(Algorithm):
         if chunk % world_size:
             raise ValueError(f'estimation_batch_size / num_chunks = {chunk} samples per chunk must be divisible '
                              f'by the world size {world_size}')
-        self.pooled = PooledStatistics(num_domains, decay=self.pool_decay)
+        self.pooled = PooledStatistics(num_domains, decay=self.pool_decay, drift_z=self.drift_z)
         self._last_probed = np.full(num_domains, -1.0)
         self._restore_domains()
 
@@ -475,6 +483,7 @@ class PiKE(Algorithm):
             metrics[f'pike/grad_sq_norm_se/{name}'] = float(grad_se[j])
             metrics[f'pike/variance/{name}'] = float(statistics.per_sample_variances[j])
             metrics[f'pike/variance_se/{name}'] = float(variance_se[j])
+            metrics[f'pike/drift_z/{name}'] = float(pooled.last_drift[k])
             metrics[f'pike/probe_loss/{name}'] = float(probe_losses[j])
         grad, variance = pooled.grad_sq_norms, pooled.per_sample_variances
         pooled_values = {'grad_sq_norm': grad, 'grad_sq_norm_se': np.sqrt(pooled.grad_sq_var),

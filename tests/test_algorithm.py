@@ -44,7 +44,8 @@ WORKER = Path(__file__).resolve().parent / 'algorithm_worker.py'
 NAMES = [f'd{k}' for k in range(len(DOMAIN_SIZES))]
 PER_DOMAIN = ('weight', 'batch_count', 'epochs', 'score', 'grad_sq_norm', 'grad_sq_norm_se', 'variance', 'variance_se',
               'probe_loss', 'noise_scale', 'noise_dim', 'advantage', 'advantage_se', 'pooled/grad_sq_norm',
-              'pooled/grad_sq_norm_se', 'pooled/variance', 'pooled/variance_se', 'pooled/samples', 'pooled/probe_loss')
+              'pooled/grad_sq_norm_se', 'pooled/variance', 'pooled/variance_se', 'pooled/samples', 'pooled/probe_loss',
+              'drift_z')
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -217,6 +218,7 @@ def test_metrics_at_every_check_and_counts_change_at_effective_step(dataset):
         positive = at['pooled/grad_sq_norm'] > 0
         np.testing.assert_allclose(at['noise_scale'][positive],
                                    at['pooled/variance'][positive] / at['pooled/grad_sq_norm'][positive], rtol=1e-12)
+        assert np.all(np.isnan(at['drift_z'])) if i == 0 else np.all(at['drift_z'] >= 0)  # no pool to compare yet
         if i == 0:  # the first probe is the whole pool
             for kind in ('grad_sq_norm', 'grad_sq_norm_se', 'variance', 'variance_se', 'probe_loss'):
                 np.testing.assert_allclose(at[f'pooled/{kind}'], at[kind], rtol=1e-12)

@@ -25,20 +25,21 @@ DUPLICATE_BOUND = 0.35  # nats: |log(w_a / w_b)| of two copies of one domain (wo
 
 
 def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
-             domains_per_check: int | None = None) -> np.ndarray:
+             domains_per_check: int | None = None, drift_z: float = DEFAULTS.drift_z) -> np.ndarray:
     """Weights after each check for domains with true G = ``grad_sq_norms`` (all with sigma^2 = 1, noise
     spread over DIM directions; equal G means the same mean gradient, i.e. identical domains).
 
     ``grad_sq_norms`` may also be a function of (check, each domain's summed weight over the checks so
     far: how much it has been trained) giving the true G at that check. ``domains_per_check`` probes
     only that many after the first check, least recently probed first (the algorithm's rotation).
+    ``drift_z`` is the pooling's (``inf``: plain decay, the power check of the drift test).
     """
     rng = np.random.default_rng(seed)
     truth_at = grad_sq_norms if callable(grad_sq_norms) else lambda check, trained: np.asarray(grad_sq_norms, float)
     num_domains = truth_at(0, np.zeros(0)).size
     direction = rng.normal(size=DIM)
     direction /= np.linalg.norm(direction)  # identical domains share their mean gradient exactly
-    pooled = PooledStatistics(num_domains, decay=DEFAULTS.pool_decay)
+    pooled = PooledStatistics(num_domains, decay=DEFAULTS.pool_decay, drift_z=drift_z)
     last_probed = np.full(num_domains, -1.0)
     log_weights = np.full(num_domains, -np.log(num_domains))
     trained = np.zeros(num_domains)
@@ -139,3 +140,18 @@ def test_a_domain_with_a_clearly_larger_gradient_gains_weight():
         assert history[-1, 3] > 0.5 and np.all(np.diff(history[:, 3]) >= -1e-12), history[:, 3]
     legacy = [simulate([NOISE_G, NOISE_G, NOISE_G, 3 * NOISE_G], 24, seed, legacy=True) for seed in SEEDS]
     assert sum(np.any(np.diff(history[:, 3]) < -1e-12) for history in legacy) > len(SEEDS) / 2
+
+
+def test_an_advantage_seen_only_on_the_untrained_model_stops_moving_the_weights():
+    """The first check (the untrained model) sees one domain's G 7x the others' and every G 10x larger
+    than later; from the second check on, the domains are identical. The first check's move stands (the
+    update is cumulative), but the pool must not keep pushing on the stale probe: within 0.1 nats of the
+    weight after the first check at the end. Plain decay (drift_z = inf) moves it on for 3 more checks."""
+    def truth(check, trained):
+        return np.array([8.0, 8.0, 8.0, 55.0]) * 10 * NOISE_G if check == 0 else np.full(4, NOISE_G)
+
+    moved_on = [np.log(history[-1, 3] / history[0, 3]) for history in (simulate(truth, 24, seed) for seed in SEEDS)]
+    assert max(np.abs(moved_on)) <= 0.1, moved_on
+    plain = [np.log(history[-1, 3] / history[0, 3])
+             for history in (simulate(truth, 24, seed, drift_z=np.inf) for seed in SEEDS)]
+    assert np.median(plain) > 0.4, plain

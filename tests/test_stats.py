@@ -605,7 +605,7 @@ def test_standard_errors_cover_the_truth_at_their_nominal_rate(noise_scale, effe
 
 
 def test_pooling_weights_probes_and_counts_effective_samples():
-    pooled = PooledStatistics(3, decay=0.5)
+    pooled = PooledStatistics(3, decay=0.5, drift_z=np.inf)  # the arithmetic of plain decay
     norms = np.array([[1.0, 2.0], [3.0, 5.0]])
     pooled.update([0, 2], [1.0, 4.0], [10.0, 20.0], norms, [2.0, 3.0], num_chunks=2, chunk_size=4)
     pooled.update([0], [3.0], [30.0], norms[:1], [4.0], num_chunks=2, chunk_size=4)
@@ -616,7 +616,7 @@ def test_pooling_weights_probes_and_counts_effective_samples():
     assert pooled.grad_sq_norms[2] == 4.0 and np.isnan(pooled.grad_sq_norms[1])
     assert pooled.effective_samples[0] == pytest.approx(8 * 1.5**2 / 1.25)  # n (sum w)^2 / sum w^2
     assert pooled.effective_samples[2] == 8
-    restored = PooledStatistics(3, decay=0.5)
+    restored = PooledStatistics(3, decay=0.5, drift_z=np.inf)
     restored.load_state_dict(json.loads(json.dumps(pooled.state_dict())))
     for name in ('grad_sq_norms', 'grad_sq_var', 'noise_shape', 'effective_samples'):
         np.testing.assert_array_equal(getattr(restored, name), getattr(pooled, name))
@@ -628,7 +628,7 @@ def test_pooling_forgets_by_checks_not_by_probes():
     """A domain probed every third check keeps decay^3 of its pool per probe: its memory spans as many
     checks as that of a domain probed at every check."""
     norms = np.array([[1.0, 2.0]])
-    rotated, every = PooledStatistics(1, decay=0.5), PooledStatistics(1, decay=0.5)
+    rotated, every = (PooledStatistics(1, decay=0.5, drift_z=np.inf) for _ in range(2))
     for value in (8.0, 2.0):
         rotated.update([0], [value], [1.0], norms, [0.0], num_chunks=2, chunk_size=4, checks_since_last_probe=3)
     assert rotated.grad_sq_norms[0] == pytest.approx((0.125 * 8 + 2) / 1.125)
@@ -637,6 +637,38 @@ def test_pooling_forgets_by_checks_not_by_probes():
     assert every.grad_sq_norms[0] == pytest.approx((8 * (0.5 + 0.25 + 0.125) + 2) / 1.875)
     with pytest.raises(ValueError, match='checks_since_last_probe'):
         rotated.update([0], [1.0], [1.0], norms, [0.0], num_chunks=2, chunk_size=4, checks_since_last_probe=0)
+
+
+def test_pooling_forgets_a_drift_far_outside_the_errors():
+    """A probe z standard errors from the pool: nothing changes up to drift_z; beyond it the earlier probes
+    keep exp(-(z^2 - drift_z^2) / 2) more of their weight; far beyond, the pool is the new probe."""
+    mean, eigs = noise_model(50.0, 'flat', False)
+    rng = np.random.default_rng(5)
+    probes = [probe_of(gaussian_chunk_means(rng, mean, eigs, 8, 4), 4) for _ in range(6)]
+
+    def pooled_after(last_grad: float, drift_z: float) -> PooledStatistics:
+        pooled = PooledStatistics(1, decay=0.7, drift_z=drift_z)
+        for grad, variance, norms in probes[:-1]:
+            pooled.update([0], [grad], [variance], norms[None], [0.0], num_chunks=8, chunk_size=4)
+        _, variance, norms = probes[-1]
+        pooled.update([0], [last_grad], [variance], norms[None], [0.0], num_chunks=8, chunk_size=4)
+        return pooled
+
+    steady = pooled_after(probes[-1][0], 5.0)
+    assert steady.last_drift[0] < 3  # a probe like the others: plain decay
+    assert steady.grad_sq_norms[0] == pooled_after(probes[-1][0], np.inf).grad_sq_norms[0]
+    reference = pooled_after(probes[-1][0], np.inf)
+    old_weight = reference.weight[0] - 1.0  # the earlier probes' weight after one more decay
+    pooled_se = np.sqrt(reference.grad_sq_var[0])
+    for shift in (12.0, 16.0):  # the probe's own error is larger than the pool's: z lands above 5
+        pooled = pooled_after(probes[-1][0] + shift * pooled_se, 5.0)
+        z = pooled.last_drift[0]
+        assert 5 < z < 12
+        assert pooled.weight[0] - 1.0 == pytest.approx(old_weight * np.exp(-(z**2 - 25) / 2), rel=1e-9)
+    far = pooled_after(1e6, 5.0)
+    assert far.grad_sq_norms[0] == pytest.approx(1e6, rel=1e-9)  # the old pool is forgotten
+    with pytest.raises(ValueError, match='drift_z'):
+        PooledStatistics(1, drift_z=0.0)
 
 
 def test_pooling_shrinks_the_standard_error_like_more_samples():

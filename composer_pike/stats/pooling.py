@@ -14,6 +14,16 @@ span r times as many steps and lag the training by that much):
                                                                  n (1 + d) / (1 - d) in the long run, d =
                                                                  decay^r for a domain probed every r checks)
 
+Drift. A fixed decay assumes the statistics change little within a check interval, which is false early
+in training: a domain's G falls several-fold between the first checks, and a pool still made mostly of
+the probe on the untrained model keeps pushing the weights for checks after the gradient it measured has
+gone. So before a probe is added, its G-hat and sigma^2-hat are compared with the pool's:
+z = |new - pooled| / sqrt(V_new + V_pooled), the larger of the two, and the earlier probes' weight is
+multiplied by ``exp(-(z^2 - drift_z^2) / 2)`` when z exceeds ``drift_z`` (5 standard errors: on statistics
+that do not move, one false alarm in about a million comparisons under Gaussian errors). The factor is the
+Gaussian likelihood of the discrepancy relative to the threshold's, so the pool forgets smoothly, and all
+at once only for a change far outside its errors.
+
 The noise shape kappa (see :mod:`.estimators`) pools with the slower ``shape_decay`` as a ratio of sums.
 Plain numpy; the state is fixed-shape float lists, so it survives sharded checkpoints.
 """
@@ -40,15 +50,22 @@ class PooledStatistics:
         decay: weight kept by a domain's earlier probes per check (0 = no pooling: the latest probe
             only).
         shape_decay: the same for the noise shape kappa = 1/d_eff, which varies more slowly.
+        drift_z: standard errors by which a probe must differ from the pool before the pool's earlier
+            probes are forgotten faster (see the module docstring; ``inf``: never).
     """
 
-    def __init__(self, num_domains: int, *, decay: float = 0.7, shape_decay: float = 0.9) -> None:
+    def __init__(self, num_domains: int, *, decay: float = 0.7, shape_decay: float = 0.9,
+                 drift_z: float = 5.0) -> None:
         for name, value in (('decay', decay), ('shape_decay', shape_decay)):
             if not 0 <= value < 1:
                 raise ValueError(f'{name} must be in [0, 1), got {value}')
+        if not drift_z > 0:
+            raise ValueError(f'drift_z must be > 0, got {drift_z}')
         self.num_domains = num_domains
         self.decay = decay
         self.shape_decay = shape_decay
+        self.drift_z = drift_z
+        self.last_drift = np.full(num_domains, np.nan)  # z of each domain's latest probe against its pool
         for name in _SUMS:
             setattr(self, name, np.zeros(num_domains))
 
@@ -88,7 +105,10 @@ class PooledStatistics:
         grad_var, variance_var, covariance = estimator_variances(
             reference, variance, self.noise_shape[index], num_chunks=num_chunks, chunk_size=chunk_size)
         samples = float(num_chunks * chunk_size)
-        keep = self.decay**elapsed
+        drift = self._drift(index, grad, variance, grad_var, variance_var)
+        self.last_drift[index] = drift
+        with np.errstate(over='ignore'):  # a drift far beyond any error forgets the pool entirely
+            keep = self.decay**elapsed * np.exp(-np.maximum(np.nan_to_num(drift)**2 - self.drift_z**2, 0.0) / 2.0)
         keep_sq = keep**2
         for name, value, factor in (
                 ('weight', 1.0, keep), ('weight_sq', 1.0, keep_sq), ('grad_sum', grad, keep),
@@ -100,6 +120,15 @@ class PooledStatistics:
             total[index] = factor * total[index] + value
         self.probes[index] += 1
         return np.sqrt(grad_var), np.sqrt(variance_var)
+
+    def _drift(self, index: NDArray[np.int64], grad: FloatArray, variance: FloatArray, grad_var: FloatArray,
+               variance_var: FloatArray) -> FloatArray:
+        """z of a probe against its domain's pool: the larger of G's and sigma^2's (NaN if never probed)."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            z_grad = np.abs(grad - self.grad_sq_norms[index]) / np.sqrt(grad_var + self.grad_sq_var[index])
+            z_variance = np.abs(variance - self.per_sample_variances[index]) / np.sqrt(
+                variance_var + self.variance_var[index])
+        return np.fmax(z_grad, z_variance)
 
     # ---- pooled values (NaN for a domain never probed) ----------------------------------------
 
