@@ -483,7 +483,8 @@ class PiKE(Algorithm):
             metrics[f'pike/grad_sq_norm_se/{name}'] = float(grad_se[j])
             metrics[f'pike/variance/{name}'] = float(statistics.per_sample_variances[j])
             metrics[f'pike/variance_se/{name}'] = float(variance_se[j])
-            metrics[f'pike/drift_z/{name}'] = float(pooled.last_drift[k])
+            if np.isfinite(pooled.last_drift[k]):  # from the domain's second probe on
+                metrics[f'pike/drift_z/{name}'] = float(pooled.last_drift[k])
             metrics[f'pike/probe_loss/{name}'] = float(probe_losses[j])
         grad, variance = pooled.grad_sq_norms, pooled.per_sample_variances
         pooled_values = {'grad_sq_norm': grad, 'grad_sq_norm_se': np.sqrt(pooled.grad_sq_var),

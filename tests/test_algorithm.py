@@ -44,8 +44,7 @@ WORKER = Path(__file__).resolve().parent / 'algorithm_worker.py'
 NAMES = [f'd{k}' for k in range(len(DOMAIN_SIZES))]
 PER_DOMAIN = ('weight', 'batch_count', 'epochs', 'score', 'grad_sq_norm', 'grad_sq_norm_se', 'variance', 'variance_se',
               'probe_loss', 'noise_scale', 'noise_dim', 'advantage', 'advantage_se', 'pooled/grad_sq_norm',
-              'pooled/grad_sq_norm_se', 'pooled/variance', 'pooled/variance_se', 'pooled/samples', 'pooled/probe_loss',
-              'drift_z')
+              'pooled/grad_sq_norm_se', 'pooled/variance', 'pooled/variance_se', 'pooled/samples', 'pooled/probe_loss')
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -203,6 +202,9 @@ def test_metrics_at_every_check_and_counts_change_at_effective_step(dataset):
     names += [f'pike/{kind}/{a}/{b}' for kind in ('cosine', 'cosine_se') for i, a in enumerate(NAMES) for b in NAMES[i + 1:]]
     for name in names:
         assert [b for b, _ in series.get(name, [])] == logged_at, name
+    for n in NAMES:  # a probe's distance from its pool, from the second probe on
+        assert [b for b, _ in series[f'pike/drift_z/{n}']] == logged_at[1:], n
+        assert all(value >= 0 for _, value in series[f'pike/drift_z/{n}'])
     assert run.values('pike/checks') == [1.0, 2.0, 3.0, 4.0]
     assert run.values('pike/skipped') == [0.0] * len(checks)
     assert run.values('pike/probe_samples') == [16.0 * len(NAMES) * (i + 1) for i in range(len(checks))]
@@ -218,7 +220,6 @@ def test_metrics_at_every_check_and_counts_change_at_effective_step(dataset):
         positive = at['pooled/grad_sq_norm'] > 0
         np.testing.assert_allclose(at['noise_scale'][positive],
                                    at['pooled/variance'][positive] / at['pooled/grad_sq_norm'][positive], rtol=1e-12)
-        assert np.all(np.isnan(at['drift_z'])) if i == 0 else np.all(at['drift_z'] >= 0)  # no pool to compare yet
         if i == 0:  # the first probe is the whole pool
             for kind in ('grad_sq_norm', 'grad_sq_norm_se', 'variance', 'variance_se', 'probe_loss'):
                 np.testing.assert_allclose(at[f'pooled/{kind}'], at[kind], rtol=1e-12)
