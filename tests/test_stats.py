@@ -667,6 +667,11 @@ def test_pooling_forgets_a_drift_far_outside_the_errors():
         assert pooled.weight[0] - 1.0 == pytest.approx(old_weight * np.exp(-(z**2 - 25) / 2), rel=1e-9)
     far = pooled_after(1e6, 5.0)
     assert far.grad_sq_norms[0] == pytest.approx(1e6, rel=1e-9)  # the old pool is forgotten
+    for drift_z, expected in ((5.0, 2.0), (np.inf, (0.7 * 1.0 + 2.0) / 1.7)):  # no error at all: z = inf
+        exact = PooledStatistics(1, decay=0.7, drift_z=drift_z)
+        for grad in (1.0, 2.0):
+            exact.update([0], [grad], [0.0], np.ones((1, 2)), [0.0], num_chunks=2, chunk_size=1)
+        assert exact.last_drift[0] == np.inf and exact.grad_sq_norms[0] == pytest.approx(expected)
     with pytest.raises(ValueError, match='drift_z'):
         PooledStatistics(1, drift_z=0.0)
 

@@ -107,8 +107,9 @@ class PooledStatistics:
         samples = float(num_chunks * chunk_size)
         drift = self._drift(index, grad, variance, grad_var, variance_var)
         self.last_drift[index] = drift
-        with np.errstate(over='ignore'):  # a drift far beyond any error forgets the pool entirely
-            keep = self.decay**elapsed * np.exp(-np.maximum(np.nan_to_num(drift)**2 - self.drift_z**2, 0.0) / 2.0)
+        with np.errstate(over='ignore', invalid='ignore'):  # z = inf (no error at all) forgets the pool entirely
+            excess = np.where(drift > self.drift_z, drift**2 - self.drift_z**2, 0.0)  # NaN (first probe): 0
+        keep = self.decay**elapsed * np.exp(-excess / 2.0)
         keep_sq = keep**2
         for name, value, factor in (
                 ('weight', 1.0, keep), ('weight_sq', 1.0, keep_sq), ('grad_sum', grad, keep),
