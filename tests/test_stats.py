@@ -654,10 +654,10 @@ def test_pooling_forgets_a_drift_far_outside_the_errors():
         pooled.update([0], [last_grad], [variance], norms[None], [0.0], num_chunks=8, chunk_size=4)
         return pooled
 
+    reference = pooled_after(probes[-1][0], np.inf)  # plain decay
     steady = pooled_after(probes[-1][0], 5.0)
     assert steady.last_drift[0] < 3  # a probe like the others: plain decay
-    assert steady.grad_sq_norms[0] == pooled_after(probes[-1][0], np.inf).grad_sq_norms[0]
-    reference = pooled_after(probes[-1][0], np.inf)
+    assert steady.grad_sq_norms[0] == reference.grad_sq_norms[0]
     old_weight = reference.weight[0] - 1.0  # the earlier probes' weight after one more decay
     pooled_se = np.sqrt(reference.grad_sq_var[0])
     for shift in (12.0, 16.0):  # the probe's own error is larger than the pool's: z lands above 5
