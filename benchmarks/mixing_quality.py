@@ -9,7 +9,9 @@ global batch and sequence length (so the same number of training tokens), once p
     balanced_pike_tau3   Balanced-PiKE, tau = 3 (the paper's value)
     pike_kkt             conceptual PiKE: the exact minimiser of the one-step descent bound
     --policies also:     random (each whole batch from one domain), round_robin (whole batches in
-                         turn), balanced_pike_tau1 (far worse in earlier runs, so not by default)
+                         turn), balanced_pike_tau1 (far worse in earlier runs, so not by default),
+                         fixed (the static weights given by --fixed-weights, e.g. the mixture that
+                         benchmarks/mixing_headroom.py predicts best)
 
 Only sizes are set here (model, batch, steps, check interval, probe sizes, evaluation sizes and the
 learning-rate schedule, the same for every policy); PiKE's own defaults (update rule, step sizes,
@@ -106,6 +108,7 @@ POLICIES: dict[str, list[str]] = {
     'random': ['mixing.policy=random'],
     'round_robin': ['mixing.policy=round_robin'],
     'balanced_pike_tau1': ['mixing.policy=balanced_pike', 'mixing.tau=1'],
+    'fixed': ['mixing.policy=fixed'],  # weights from --fixed-weights
 }
 DEFAULT_POLICIES = ('mix', 'temperature', 'pike', 'balanced_pike_tau3', 'pike_kkt')
 ADAPTIVE = frozenset({'pike', 'balanced_pike_tau1', 'balanced_pike_tau3', 'pike_kkt'})  # run the probe
@@ -691,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--reuse', nargs='+', default=[], choices=list(POLICIES), metavar='POLICY',
                         help='re-read these policies\' runs from OUT/runs instead of training them (e.g. mix, '
                              'when only PiKE changed)')
+    parser.add_argument('--fixed-weights', nargs='+', type=float, metavar='W',
+                        help="the 'fixed' policy's weights, one per domain in the manifest's order")
     parser.add_argument('--echo', action='store_true', help='show the training logs')
     parser.add_argument('overrides', nargs='*', help='key=value overrides for every run, after the setting\'s')
     args = parser.parse_args(argv)
@@ -704,12 +709,20 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = data if data.endswith('.json') else os.path.join(data, 'manifest.json')
     with open(manifest_path) as f:
         domains = list(json.load(f)['domains'])
+    if ('fixed' in policies) != (args.fixed_weights is not None):
+        parser.error("--fixed-weights goes with --policies fixed, and the 'fixed' policy needs it")
+    if args.fixed_weights is not None and len(args.fixed_weights) != len(domains):
+        parser.error(f'--fixed-weights has {len(args.fixed_weights)} values for {len(domains)} domains {domains}')
+    policy_overrides = dict(POLICIES)
+    if args.fixed_weights is not None:
+        items = ', '.join(f'{domain}: {weight}' for domain, weight in zip(domains, args.fixed_weights))
+        policy_overrides['fixed'] = [*POLICIES['fixed'], f'mixing.weights={{{items}}}']
     os.makedirs(args.out, exist_ok=True)
     runs: dict[str, list[Run]] = {}
     for name in policies:
         for seed in seeds:
             run_dir = os.path.join(args.out, 'runs', name, f'seed{seed}')
-            overrides = [*setting.overrides, *POLICIES[name], f'data.manifest={data}', f'run_name=mq-{name}-{seed}',
+            overrides = [*setting.overrides, *policy_overrides[name], f'data.manifest={data}', f'run_name=mq-{name}-{seed}',
                          f'seed={seed}', f'trainer.max_duration={steps}ba', 'trainer.console_log_interval=1ba',
                          'trainer.progress_bar=false', *args.overrides]
             if args.summarize or name in args.reuse:

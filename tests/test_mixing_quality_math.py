@@ -196,3 +196,16 @@ def test_markdown_skips_missing_pike_statistics():
     assert '| pike | 0 |' in text and 'never' in text
     assert 'score' in text and 'noise_scale' not in text
     assert 'were computed from the config' in text
+
+
+@pytest.mark.parametrize('arguments, message', [
+    (['--policies', 'fixed'], "--fixed-weights goes with --policies fixed"),
+    (['--policies', 'pike', '--fixed-weights', '0.5', '0.5'], "--fixed-weights goes with --policies fixed"),
+    (['--policies', 'fixed', '--fixed-weights', '1'], "--fixed-weights has 1 values for 2 domains"),
+])
+def test_fixed_weights_are_checked_before_anything_trains(tmp_path, capsys, arguments, message):
+    (tmp_path / 'manifest.json').write_text(json.dumps({'domains': {'a': {}, 'b': {}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        mq.main(['--data', str(tmp_path), '--out', str(tmp_path / 'out'), *arguments])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
