@@ -101,7 +101,8 @@ def read_pairs(out_dir: str) -> tuple[Pairs, list[str]]:
         return np.array(loss), np.array(epochs) * train_samples
 
     runs_dir = os.path.join(out_dir, 'runs')
-    mix = {seed: final(os.path.join(runs_dir, 'mix', seed)) for seed in sorted(os.listdir(os.path.join(runs_dir, 'mix')))}
+    mix_seeds = sorted(os.listdir(os.path.join(runs_dir, 'mix')))
+    mix = {seed: final(os.path.join(runs_dir, 'mix', seed)) for seed in mix_seeds}
     labels, loss_change, log_ratio = [], [], []
     for policy in sorted(os.listdir(runs_dir)):
         if policy == 'mix':
