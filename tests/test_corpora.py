@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import importlib.util
 import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -17,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmark_modules import load_benchmark
 from streaming_prep import corpora
 from streaming_prep.errors import PrepError
 
-REPO = Path(__file__).resolve().parents[1]
 
 WIKI_XML = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">
   <siteinfo><sitename>Wikipedia</sitename></siteinfo>
@@ -199,15 +197,7 @@ def test_extract_corpus_writes_six_domains_and_their_sources(tmp_path, gensim_wh
 
 # ---------------------------------------------------------------- benchmark aggregation math
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location('mixing_quality', REPO / 'benchmarks' / 'mixing_quality.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-mq = _benchmark()
+mq = load_benchmark('mixing_quality')
 
 
 def test_steps_to_reach_interpolates_between_evaluations():

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'mixing_headroom.py')
-spec = importlib.util.spec_from_file_location('mixing_headroom_under_test', PATH)
-headroom = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = headroom
-spec.loader.exec_module(headroom)
+from benchmark_modules import load_benchmark
+
+headroom = load_benchmark('mixing_headroom')
 
 DOMAINS = ['a', 'b', 'c']
 ELASTICITY = np.array([0.3, 0.15, 0.15])

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'mixing_quality.py')
+from benchmark_modules import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location('mixing_quality_under_test', PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-mq = _load()
+mq = load_benchmark('mixing_quality')
 
 
 def series(avg: list[tuple[int, float]], worst: list[tuple[int, float]] | None = None, **extra) -> dict:
