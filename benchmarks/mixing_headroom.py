@@ -1,4 +1,4 @@
-"""Mixing headroom: how much any static mixture could gain over Mix, from runs that already trained.
+"""Mixing headroom: which domains deserve samples, and a first-order estimate of what a static mixture gains.
 
 Reads a benchmarks/mixing_quality.py output directory (``OUT/runs/<policy>/seed<s>/metrics.jsonl``)
 and pairs every non-Mix run with the Mix run of the same seed. For each domain k it has the final
@@ -21,8 +21,8 @@ equal. The model is first order (linear in log n over the reallocations the runs
 transfer between domains to the intercepts, so its ratio is an estimate, not a bound: on the benchmark
 corpus it pointed at the right domains but undercounted what favouring a broad one gives the others
 (README, "What any mixture can gain"). It is checked by predicting each run's change of average loss
-from its own allocation (``model_check``). Intervals:
-the pairs are resampled with replacement (numpy default_rng(20250206)) and everything refitted.
+from its own allocation (``model_check``). Intervals: the pairs are resampled with replacement
+(numpy default_rng(20250206)) and everything refitted.
 
     .venv/bin/python benchmarks/mixing_headroom.py runs/mixing_quality   # after mixing_quality.py --quick
 
@@ -55,7 +55,7 @@ class Pairs:
 
 
 def fit_elasticities(loss_change: np.ndarray, log_sample_ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-domain least-squares slope and intercept of ``loss_change`` on ``log_sample_ratio``:
+    """Per-domain least-squares fit (with an intercept) of ``loss_change`` on ``log_sample_ratio``:
     returns (elasticity e = -slope, its standard error); NaN where a domain's allocation never varied."""
     x, y = np.asarray(log_sample_ratio, dtype=np.float64), np.asarray(loss_change, dtype=np.float64)
     centred = x - x.mean(axis=0)

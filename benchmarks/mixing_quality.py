@@ -723,8 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             run_dir = os.path.join(args.out, 'runs', name, f'seed{seed}')
             overrides = [*setting.overrides, *policy_overrides[name], f'data.manifest={data}',
-                         f'run_name=mq-{name}-{seed}', f'seed={seed}', f'trainer.max_duration={steps}ba', 'trainer.console_log_interval=1ba',
-                         'trainer.progress_bar=false', *args.overrides]
+                         f'run_name=mq-{name}-{seed}', f'seed={seed}', f'trainer.max_duration={steps}ba',
+                         'trainer.console_log_interval=1ba', 'trainer.progress_bar=false', *args.overrides]
             if args.summarize or name in args.reuse:
                 lines = read_console(os.path.join(run_dir, 'console.log'))
             else:
