@@ -36,7 +36,6 @@ from composer_pike.stats import (
     gradient_sum_factor,
 )
 from composer_pike.weights import (
-    EvidenceScores,
     PikeStep,
     apply_scores,
     auto_zeta_ratio,
@@ -47,7 +46,6 @@ from composer_pike.weights import (
     kkt_weights,
     pike_update,
     project_to_bounds,
-    revert_contradicted,
 )
 
 log = logging.getLogger(__name__)
@@ -107,10 +105,6 @@ class PiKE(Algorithm):
             before the pool forgets its earlier probes faster (``exp(-(z^2 - drift_z^2) / 2)``; see
             :mod:`composer_pike.stats.pooling`): early in training the statistics fall several-fold
             between checks.
-        revert: ``update='evidence'`` only: a domain whose deviation from the prior weights the
-            current evidence leans against (its score relative to the prior mixture's at least one
-            standard error on the other side) keeps ``pool_decay`` of that deviation per check, the
-            rate at which the pool forgets (see :func:`composer_pike.weights.revert_contradicted`).
         score_clip: per-check cap on |log-weight change| (nats).
         min_weight: floor on every active weight (default ``max(0.05/K, 1/b)``, at most 1/K: at
             least one sample of every domain per batch).
@@ -143,7 +137,6 @@ class PiKE(Algorithm):
         gamma: float = 1.0,
         pool_decay: float = 0.7,
         drift_z: float = 5.0,
-        revert: bool = True,
         score_clip: float = 1.0,
         min_weight: float | None = None,
         max_weight: float = 1.0,
@@ -207,7 +200,6 @@ class PiKE(Algorithm):
         self.gamma = gamma
         self.pool_decay = pool_decay
         self.drift_z = drift_z
-        self.revert = bool(revert)
         self.score_clip = score_clip
         self.min_weight = min_weight
         self.max_weight = max_weight
@@ -412,23 +404,12 @@ class PiKE(Algorithm):
                                min_weight=floor, max_weight=cap), extra
         if self.update == 'kkt':
             return self._kkt_step(state, grad, variance, weights, mask, floor, cap, rho), extra
-        def evidence_against(reference: np.ndarray) -> EvidenceScores:
-            return evidence_scores(
-                grad, variance, np.where(mask, pooled.grad_sq_var, 0.0), np.where(mask, pooled.variance_var, 0.0),
-                np.where(mask, pooled.covariance, 0.0), reference, batch_size=batch_size, zeta_ratio=rho,
-                step_size=self.step_size, evidence_z=self.evidence_z,
-                degrees_of_freedom=float(pooled.degrees_of_freedom[mask].min()), loss_weights=loss_weights,
-                active=mask)
-
-        evidence = evidence_against(weights)
+        evidence = evidence_scores(
+            grad, variance, np.where(mask, pooled.grad_sq_var, 0.0), np.where(mask, pooled.variance_var, 0.0),
+            np.where(mask, pooled.covariance, 0.0), weights, batch_size=batch_size, zeta_ratio=rho,
+            step_size=self.step_size, evidence_z=self.evidence_z,
+            degrees_of_freedom=float(pooled.degrees_of_freedom[mask].min()), loss_weights=loss_weights, active=mask)
         extra.update(advantage=evidence.advantage, advantage_se=evidence.advantage_se, critical_z=evidence.critical)
-        if self.revert:
-            prior = np.where(mask, mixture.planner.initial_weights, 0.0)
-            against_prior = evidence_against(prior)
-            extra.update(prior_advantage=against_prior.advantage, prior_advantage_se=against_prior.advantage_se)
-            with np.errstate(divide='ignore'):
-                current = revert_contradicted(current, np.log(prior), against_prior.advantage,
-                                              against_prior.advantage_se, retention=self.pool_decay, active=mask)
         return apply_scores(current, evidence.scores, active=mask, score_clip=self.score_clip, min_weight=floor,
                             max_weight=cap, reason=evidence.reason), extra
 
@@ -518,9 +499,9 @@ class PiKE(Algorithm):
                 metrics[f'pike/pooled/{kind}/{name}'] = float(values[k])
             metrics[f'pike/noise_scale/{name}'] = float(noise_scale[k])
             metrics[f'pike/noise_dim/{name}'] = float(noise_dim[k])
-            for kind in ('advantage', 'advantage_se', 'prior_advantage', 'prior_advantage_se'):
-                if kind in extra:
-                    metrics[f'pike/{kind}/{name}'] = float(extra[kind][k])
+            if 'advantage' in extra:
+                metrics[f'pike/advantage/{name}'] = float(extra['advantage'][k])
+                metrics[f'pike/advantage_se/{name}'] = float(extra['advantage_se'][k])
         if statistics.inner_products is not None and len(probed) > 1:
             metrics.update(self._conflicts(statistics, probed))
         logger.log_metrics(metrics)

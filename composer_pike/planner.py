@@ -143,7 +143,6 @@ class MixturePlanner:
         self.active = np.ones(num_domains, dtype=bool)
         self.turns = 0  # round-robin turns taken
         self.finished = False
-        self.initial_weights = initial  # the policy's prior, rebuilt from the config on resume
         self.schedule: list[tuple[int, np.ndarray]] = [(0, initial)]
         # Current pass order of every domain, concatenated: domain k occupies
         # _flat_order[_order_start[k] : _order_start[k] + domain_sizes[k]]; _order_pass[k] says which pass.

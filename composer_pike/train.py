@@ -58,7 +58,6 @@ class PiKEConfig:
     gamma: float = 1.0                   # kkt
     pool_decay: float = 0.7              # weight of a domain's earlier probes per check since
     drift_z: float = 5.0                 # forget a domain's pool faster when a probe differs by this many SE
-    revert: bool = True                  # shrink weight moves the current evidence leans against (evidence)
     score_clip: float = 1.0
     min_weight: Optional[float] = None   # default max(0.05/K, 1/b): one sample per batch
     max_weight: float = 1.0

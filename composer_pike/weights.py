@@ -649,41 +649,6 @@ def evidence_scores(
     return EvidenceScores(step_size * shrunk / signal, relative / signal, relative_se / signal, critical, "")
 
 
-def revert_contradicted(
-    log_weights: ArrayLike,
-    prior_log_weights: ArrayLike,
-    advantage: ArrayLike,
-    advantage_se: ArrayLike,
-    *,
-    retention: float,
-    active: ArrayLike | None = None,
-) -> FloatArray:
-    """Log-weights after shrinking, toward the prior, each deviation that the current evidence leans against.
-
-    ``advantage``/``advantage_se`` are the domains' scores relative to the *prior* mixture's
-    (:func:`evidence_scores` with ``weights`` = the prior) and their standard errors. A domain whose
-    advantage is at least one standard error on the side opposite to its deviation ``log w_k - log w0_k``
-    keeps ``retention`` of that deviation; the others are unchanged. Moving away from the prior takes
-    ``evidence_z`` standard errors; holding a move only takes the evidence not to lean against it. So a
-    domain raised while it learned fast early (its G tens of times the others' on a young model) drifts
-    back once its G falls below theirs, instead of keeping the weight until the evidence against it is as
-    strong as the evidence that raised it. The comparison is with the prior mixture, not the current one:
-    a domain holding most of the weight is most of the current mixture, so its relative score there is
-    about 0 whatever its gradient. Not normalised (the caller renormalises); inactive domains keep their value.
-    """
-    current = _vector("log_weights", log_weights)
-    prior = _vector("prior_log_weights", prior_log_weights)
-    relative, relative_se = _vector("advantage", advantage), _vector("advantage_se", advantage_se)
-    _same_shape("log_weights", current, prior_log_weights=prior, advantage=relative, advantage_se=relative_se)
-    if not 0 <= retention <= 1:
-        raise ValueError(f"retention must be in [0, 1], got {retention!r}")
-    mask = _active_mask(active, current.size)
-    with np.errstate(invalid="ignore"):  # -inf - -inf on inactive domains, masked below
-        deviation = current - prior
-    contradicted = mask & np.isfinite(deviation) & (relative * np.sign(deviation) < -relative_se)
-    return np.where(contradicted, prior + retention * deviation, current)
-
-
 # --------------------------------------------------------------------------- data budget and batch counts
 
 

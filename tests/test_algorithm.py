@@ -30,8 +30,7 @@ import composer_pike.algorithm as algorithm_module
 from composer_pike.algorithm import PiKE
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.planner import validate_weights
-from composer_pike.weights import (apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update,
-                                   revert_contradicted)
+from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import algorithm_worker as worker  # noqa: E402
@@ -606,22 +605,18 @@ def logged(run: Run, kinds, check: int) -> dict[str, np.ndarray]:
 
 
 def test_evidence_updates_follow_the_logged_statistics(dataset):
-    """Each check's weights are apply_scores of the logged scores from the previous weights after the revert
-    of the moves the logged prior advantages lean against, and each score is step_size times the advantage
-    beyond critical_z standard errors, clipped (weights.evidence_scores, weights.revert_contradicted)."""
+    """Each check's weights are apply_scores of the logged scores from the previous weights, and each score
+    is step_size times the advantage beyond critical_z standard errors, clipped (weights.evidence_scores)."""
     run = fit(dataset, algorithms=[make_pike(check_interval=2, evidence_z=1.0)], max_duration='8ba')
     algorithm = run.trainer.state.algorithms[0]
-    prior = log_weights = np.log(np.full(len(NAMES), 1 / len(NAMES)))
+    log_weights = np.log(np.full(len(NAMES), 1 / len(NAMES)))
     moved = 0
     for check, critical in enumerate(run.values('pike/critical_z')):
-        at = logged(run, ('advantage', 'advantage_se', 'prior_advantage', 'prior_advantage_se', 'score', 'weight'),
-                    check)
+        at = logged(run, ('advantage', 'advantage_se', 'score', 'weight'), check)
         assert critical > 1.0  # small-sample correction: the noise shape rests on a few probes
         excess = np.maximum(np.abs(at['advantage']) - critical * at['advantage_se'], 0.0)
         expected = np.clip(algorithm.step_size * np.sign(at['advantage']) * excess, -1.0, 1.0)
         np.testing.assert_allclose(at['score'], expected, rtol=1e-9, atol=1e-15)
-        log_weights = revert_contradicted(log_weights, prior, at['prior_advantage'], at['prior_advantage_se'],
-                                          retention=algorithm.pool_decay)
         step = apply_scores(log_weights, at['score'], min_weight=default_min_weight(len(NAMES), BATCH_SIZE))
         np.testing.assert_allclose(at['weight'], step.weights, rtol=1e-10)
         log_weights = step.log_weights

@@ -26,7 +26,6 @@ from composer_pike.weights import (
     pike_scores,
     pike_update,
     project_to_bounds,
-    revert_contradicted,
 )
 
 FAST = settings(max_examples=150, deadline=None)
@@ -457,40 +456,6 @@ def test_apply_scores_clips_renormalises_and_floors():
     assert floored.weights[1] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="scores must be finite"):
         apply_scores(np.zeros(2), np.array([np.nan, 0.0]), min_weight=0.1)
-
-
-def test_revert_contradicted_shrinks_only_deviations_the_evidence_leans_against():
-    prior = np.log(np.full(5, 0.2))
-    current = np.log([0.4, 0.1, 0.3, 0.1, 0.1])  # deviations +, -, +, -, -
-    advantage = np.array([-2.0, 2.0, -0.5, -3.0, 1.5])
-    se = np.ones(5)
-    reverted = revert_contradicted(current, prior, advantage, se, retention=0.7)
-    deviation = current - prior
-    expected = np.array([prior[0] + 0.7 * deviation[0],  # raised, evidence 2 SE against: shrinks
-                         prior[1] + 0.7 * deviation[1],  # lowered, 2 SE against: shrinks
-                         current[2],                     # raised, 0.5 SE against: within one SE, kept
-                         current[3],                     # lowered, evidence agrees: kept
-                         prior[4] + 0.7 * deviation[4]])  # lowered, 1.5 SE against: shrinks
-    np.testing.assert_allclose(reverted, expected, rtol=1e-12)
-    np.testing.assert_allclose(revert_contradicted(current, prior, advantage, se, retention=0.0)[[0, 1, 4]],
-                               prior[[0, 1, 4]])
-    np.testing.assert_array_equal(revert_contradicted(current, prior, advantage, se, retention=1.0), current)
-
-
-def test_revert_contradicted_leaves_inactive_and_prior_weights_alone():
-    prior = np.log([0.25, 0.25, 0.5])
-    current = np.array([np.log(0.5), -np.inf, np.log(0.5)])  # domain 1 inactive, domain 2 at its prior
-    reverted = revert_contradicted(current, prior, np.array([-5.0, -5.0, -5.0]), np.ones(3), retention=0.5,
-                                   active=[True, False, True])
-    assert reverted[0] == pytest.approx(np.log(0.25) + 0.5 * np.log(2))
-    assert reverted[1] == -np.inf and reverted[2] == current[2]
-
-
-def test_revert_contradicted_validation():
-    with pytest.raises(ValueError, match="retention must be in"):
-        revert_contradicted(np.zeros(2), np.zeros(2), np.zeros(2), np.ones(2), retention=1.5)
-    with pytest.raises(ValueError, match="advantage_se has shape"):
-        revert_contradicted(np.zeros(2), np.zeros(2), np.zeros(2), np.ones(3), retention=0.5)
 
 
 # --------------------------------------------------------------------------- s.6 Balanced-PiKE
