@@ -10,20 +10,30 @@ FOUNDRY_INSTALLED := $(FOUNDRY_VENV)/.installed
 
 .PHONY: demo test venv foundry-venv
 
+# Installs into venv $(1) the requirement $(2). PyPI downloads (torch's CUDA wheels are GBs) are
+# sometimes cut off mid-file: pip resumes them, and the whole install is tried three times, so one
+# network blip does not fail a fresh checkout. --resume-retries needs the pip upgraded just before.
+define pip_install
+for attempt in 1 2 3; do \
+	$(1)/bin/python -m pip install --quiet --retries 10 --resume-retries 10 $(2) && exit 0; \
+	echo "pip install $(2) into $(1) failed (attempt $$attempt of 3)" >&2; sleep 15; \
+done; exit 1
+endef
+
 venv: $(INSTALLED)
 
 foundry-venv: $(FOUNDRY_INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet --retries 10 --upgrade pip
+	$(call pip_install,$(VENV),-e '.[dev]')
 	touch $(INSTALLED)
 
 $(FOUNDRY_INSTALLED): pyproject.toml
 	test -x $(FOUNDRY_VENV)/bin/python || $(PYTHON) -m venv $(FOUNDRY_VENV)
-	$(FOUNDRY_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(FOUNDRY_VENV)/bin/python -m pip install --quiet -e '.[dev,foundry]'
+	$(FOUNDRY_VENV)/bin/python -m pip install --quiet --retries 10 --upgrade pip
+	$(call pip_install,$(FOUNDRY_VENV),-e '.[dev,foundry]')
 	touch $(FOUNDRY_INSTALLED)
 
 demo: $(INSTALLED)
