@@ -8,8 +8,10 @@ global batch and sequence length (so the same number of training tokens), once p
     pike                 PiKE (adaptive, tau = 0; the product's default update rule)
     balanced_pike_tau3   Balanced-PiKE, tau = 3 (the paper's value)
     pike_kkt             conceptual PiKE: the exact minimiser of the one-step descent bound
-    --policies also:     random (each whole batch from one domain), round_robin (whole batches in
-                         turn), balanced_pike_tau1 (far worse in earlier runs, so not by default),
+    --policies also:     loss_slope (loss-slope mixing: weights from the loss elasticities of the
+                         training batches, no probe), random (each whole batch from one domain),
+                         round_robin (whole batches in turn), balanced_pike_tau1 (far worse in
+                         earlier runs, so not by default),
                          fixed (the static weights given by --fixed-weights, e.g. the mixture that
                          benchmarks/mixing_headroom.py predicts best)
 
@@ -105,6 +107,7 @@ POLICIES: dict[str, list[str]] = {
     'pike': ['mixing.policy=pike'],
     'balanced_pike_tau3': ['mixing.policy=balanced_pike', 'mixing.tau=3'],
     'pike_kkt': ['mixing.policy=pike_kkt'],
+    'loss_slope': ['mixing.policy=loss_slope'],
     'random': ['mixing.policy=random'],
     'round_robin': ['mixing.policy=round_robin'],
     'balanced_pike_tau1': ['mixing.policy=balanced_pike', 'mixing.tau=1'],
@@ -159,7 +162,7 @@ class Setting:
 COMMON = ('model.family=llama', 'model.d_model=128', 'model.n_layers=2', 'model.n_heads=4',
           'optimizer.lr=2.0e-3', 'optimizer.weight_decay=2.0e-4', 'data.eval_batch_size=128',
           'data.eval_max_batches=4', 'mixing.pike.check_interval=50', 'mixing.pike.estimation_batch_size=8',
-          'mixing.pike.num_chunks=4')
+          'mixing.pike.num_chunks=4', 'mixing.loss_slope.check_interval=50')
 QUICK = Setting(steps=600, seeds=(0, 1, 2, 3, 4), seq_len=64, overrides=(
     *COMMON, 'data.global_batch_size=48', 'optimizer.warmup=30ba', 'trainer.eval_interval=50ba'))
 # full: sequences of 128, batches of 64 (3200 samples per check: the probe is 1.5%), 1500 steps (hours on CPU).

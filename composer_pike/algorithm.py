@@ -445,16 +445,8 @@ class PiKE(Algorithm):
         return default_min_weight(int(np.count_nonzero(mask)), self.mixture.planner.global_batch_size)
 
     def _weight_cap(self, state: State) -> float | np.ndarray:
-        """``max_weight``, tightened per domain by ``max_epochs_per_domain`` when set."""
-        if self.max_epochs_per_domain is None:
-            return self.max_weight
-        mixture = self.mixture
-        assert mixture is not None
-        remaining = _samples_remaining(state, mixture)
-        consumed = mixture.domain_epochs() * mixture.domain_sizes
-        caps = epoch_cap_upper_bounds(mixture.domain_sizes, remaining, self.max_epochs_per_domain,
-                                      samples_consumed=consumed)
-        return np.minimum(caps, self.max_weight)
+        assert self.mixture is not None
+        return weight_cap(state, self.mixture, self.max_weight, self.max_epochs_per_domain)
 
     def _log(self, logger: Logger, statistics: GradientStatistics, probed: np.ndarray, probe_losses: np.ndarray,
              probe_se: tuple[np.ndarray, np.ndarray], result: PikeStep, extra: dict[str, Any]) -> None:
@@ -536,6 +528,17 @@ class PiKE(Algorithm):
 def _device_microbatch(state: State) -> int | None:
     size = getattr(state, 'device_train_microbatch_size', None)
     return size if isinstance(size, int) and size > 0 else None
+
+
+def weight_cap(state: State, mixture: MixtureDataset, max_weight: float,
+               max_epochs_per_domain: float | None) -> float | np.ndarray:
+    """``max_weight``, tightened per domain by ``max_epochs_per_domain`` when set."""
+    if max_epochs_per_domain is None:
+        return max_weight
+    remaining = _samples_remaining(state, mixture)
+    consumed = mixture.domain_epochs() * mixture.domain_sizes
+    caps = epoch_cap_upper_bounds(mixture.domain_sizes, remaining, max_epochs_per_domain, samples_consumed=consumed)
+    return np.minimum(caps, max_weight)
 
 
 def _samples_remaining(state: State, mixture: MixtureDataset) -> float:

@@ -2,7 +2,8 @@
 
 llm-foundry finds third-party components through entry points (declared in pyproject.toml):
 ``llmfoundry_dataloaders: pike_mixture`` (:func:`build_pike_dataloader`), ``llmfoundry_algorithms:
-pike`` (:class:`composer_pike.PiKE`) and ``llmfoundry_callbacks: pike_mixture_monitor``
+pike`` (:class:`composer_pike.PiKE`) and ``loss_slope`` (:class:`composer_pike.LossSlope`), and
+``llmfoundry_callbacks: pike_mixture_monitor``
 (:class:`composer_pike.MixtureMonitor`). The domains come either from a pike-prep ``manifest`` or
 from the ``dataset.streams`` block an llm-foundry ``text`` loader already has (one domain per
 stream, its ``proportion`` the initial weight), over shards written by llm-foundry's converters.

@@ -1,4 +1,4 @@
-"""Mixing policies behind one interface: PiKE, Balanced-PiKE and the paper's static baselines.
+"""Mixing policies behind one interface: PiKE, Balanced-PiKE, loss-slope mixing and the paper's static baselines.
 
 A policy decides the loader's initial weights and batching method, and whether an algorithm
 steers the weights during training. Selected by name (``mixing.policy`` in YAML).
@@ -11,16 +11,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-POLICIES = ('pike', 'balanced_pike', 'pike_kkt', 'mix', 'fixed', 'temperature', 'random', 'round_robin')
+POLICIES = ('pike', 'balanced_pike', 'pike_kkt', 'loss_slope', 'mix', 'fixed', 'temperature', 'random', 'round_robin')
 ADAPTIVE = {'pike': (0.0, None), 'balanced_pike': (None, None), 'pike_kkt': (0.0, 'kkt')}  # tau, update rule
 
 
 @dataclass(frozen=True)
 class PolicyPlan:
-    """What a policy asks of the loader, and whether PiKE runs on top."""
+    """What a policy asks of the loader, and whether an algorithm steers the weights on top."""
     weights: np.ndarray
     batching: str
     adaptive: bool
+    algorithm: str = 'pike'  # the steering algorithm when adaptive: 'pike' or 'loss_slope'
     tau: float = 0.0
     update: str | None = None  # the PiKE update rule the policy requires (None: mixing.pike.update)
 
@@ -70,7 +71,7 @@ def plan_policy(
     """Resolve a policy name to loader settings.
 
     ``weights`` are required for ``fixed`` and act as the prior (initial weights) for ``pike``,
-    ``balanced_pike``, ``pike_kkt``, ``random`` and ``mix`` (uniform when omitted).
+    ``balanced_pike``, ``pike_kkt``, ``loss_slope``, ``random`` and ``mix`` (uniform when omitted).
     """
     check_policy(name)
     uniform = np.full(len(domain_names), 1.0 / len(domain_names))
@@ -84,15 +85,17 @@ def plan_policy(
         return PolicyPlan(initial, 'random', adaptive=False)
     if name == 'round_robin':
         return PolicyPlan(uniform, 'round_robin', adaptive=False)
-    if name in ADAPTIVE:
+    if name in ADAPTIVE or name == 'loss_slope':
         return replace(policy_adaptation(name, tau=tau), weights=initial)
     return PolicyPlan(initial, 'mix', adaptive=False)
 
 
 def policy_adaptation(name: str, *, tau: float) -> PolicyPlan:
-    """How an adaptive policy runs PiKE (tau, update rule), with uniform placeholder weights;
-    ``adaptive=False`` for the static policies."""
+    """How an adaptive policy steers the weights (algorithm; PiKE's tau and update rule), with empty
+    placeholder weights; ``adaptive=False`` for the static policies."""
     check_policy(name)
+    if name == 'loss_slope':
+        return PolicyPlan(np.empty(0), 'mix', adaptive=True, algorithm='loss_slope')
     if name not in ADAPTIVE:
         return PolicyPlan(np.empty(0), 'mix', adaptive=False)
     fixed_tau, update = ADAPTIVE[name]

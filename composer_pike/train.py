@@ -68,14 +68,27 @@ class PiKEConfig:
 
 
 @dataclass
+class LossSlopeConfig:                   # mixing.policy=loss_slope (composer_pike.LossSlope)
+    check_interval: int = 100            # steps per bin and between weight updates
+    window: float = 2.0                  # fit over each domain's last window-fold of samples
+    step_size: float = 0.5               # nats per check for twice the mixture's elasticity per weight
+    evidence_z: float = 2.5              # standard errors an advantage must exceed before weights move
+    score_clip: float = 1.0              # most nats a log-weight moves per check
+    min_weight: Optional[float] = None   # default max(0.05/K, 1/b): one sample per batch
+    max_weight: float = 1.0
+    max_epochs_per_domain: Optional[float] = None
+
+
+@dataclass
 class MixingConfig:
-    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | mix | fixed | temperature | random | round_robin
+    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | loss_slope | mix | fixed | temperature | random | round_robin
     weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for pike/balanced_pike/mix/random
     preset: Optional[str] = None         # a name in `presets`: its weights become `weights`
     presets: dict[str, Optional[dict[str, float]]] = field(default_factory=dict)  # named weight sets; ??? = unset
     temperature: float = 3.0             # for policy temperature (w ~ n^(1/T))
     tau: float = 3.0                     # for policy balanced_pike
     pike: PiKEConfig = field(default_factory=PiKEConfig)
+    loss_slope: LossSlopeConfig = field(default_factory=LossSlopeConfig)
 
 
 @dataclass
@@ -200,6 +213,7 @@ def validate(config: DictConfig) -> None:
     from composer.core import Precision, Time
 
     from composer_pike.algorithm import UPDATES, PiKE
+    from composer_pike.loss_slope import LossSlope
 
     try:
         check_policy(config.mixing.policy)
@@ -235,6 +249,10 @@ def validate(config: DictConfig) -> None:
         PiKE(**pike_options(config.mixing))
     except ValueError as error:
         raise ConfigError(f"config key 'mixing.pike': {error}") from None
+    try:
+        LossSlope(**OmegaConf.to_container(config.mixing.loss_slope))
+    except ValueError as error:
+        raise ConfigError(f"config key 'mixing.loss_slope': {error}") from None
     parallelism_config(config.trainer.fsdp)
     for name, options in config.loggers.items():
         if options is not None:
@@ -424,6 +442,7 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
 
     from composer_pike.algorithm import PiKE
     from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor, RestoreRngState
+    from composer_pike.loss_slope import LossSlope
     from composer_pike.data import MixtureDataset, build_mixture_dataloader, read_manifest, sources_from_manifest
     from composer_pike.policies import plan_policy
 
@@ -457,7 +476,9 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
     model = build_model(config, tokenizer['vocab_size'], dataset.seq_len, tokenizer['eos_token_id'],
                         tokenizer['pad_token_id'])
     algorithms: list[Any] = []
-    if plan.adaptive:
+    if plan.adaptive and plan.algorithm == 'loss_slope':
+        algorithms.append(LossSlope(**OmegaConf.to_container(mixing.loss_slope)))
+    elif plan.adaptive:
         algorithms.append(PiKE(**pike_options(mixing)))
     if config.optimizer.clip_norm:
         algorithms.append(GradientClipping(clipping_type='norm', clipping_threshold=config.optimizer.clip_norm))

@@ -10,7 +10,7 @@ from foundry_runs import require_llmfoundry
 from mds_helpers import write_domain
 from test_train import write_manifest
 
-from composer_pike import MixtureMonitor, PiKE
+from composer_pike import LossSlope, MixtureMonitor, PiKE
 from composer_pike.callbacks import JsonlLogger
 from composer_pike.data import MixtureDataLoader
 
@@ -21,8 +21,9 @@ def entry_point(group, name):
     return matches[0].load()
 
 
-def test_algorithm_entry_point_is_pike():
+def test_algorithm_entry_points_are_pike_and_loss_slope():
     assert entry_point('llmfoundry_algorithms', 'pike') is PiKE
+    assert entry_point('llmfoundry_algorithms', 'loss_slope') is LossSlope
 
 
 @pytest.mark.parametrize('style', ['cfg', 'kwargs'])
@@ -57,7 +58,7 @@ def test_dataloader_entry_point_passes_dataset_options(tmp_path):
 def test_llm_foundry_registry_finds_every_component():
     require_llmfoundry()
     from llmfoundry import registry
-    assert registry.algorithms.get('pike') is PiKE
+    assert registry.algorithms.get('pike') is PiKE and registry.algorithms.get('loss_slope') is LossSlope
     assert registry.dataloaders.get('pike_mixture') is entry_point('llmfoundry_dataloaders', 'pike_mixture')
     assert registry.callbacks.get('pike_mixture_monitor') is MixtureMonitor
     assert registry.loggers.get('pike_jsonl') is JsonlLogger

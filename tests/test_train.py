@@ -85,6 +85,7 @@ BAD_OVERRIDES = [
     ('mixing.pike.zeta1=0.5', 'mixing.pike', 'set both zeta1 and zeta2'),
     ('mixing.pike.zeta_ratio=often', 'mixing.pike', "zeta_ratio must be 'auto' or > 0"),
     ('data.download_timeout=0', 'data.download_timeout', 'positive'),
+    ('mixing.loss_slope.window=1', 'mixing.loss_slope', 'window must be > 1'),
 ]
 
 
@@ -162,6 +163,10 @@ def test_policies_resolve_to_loader_settings():
     assert (kkt.adaptive, kkt.tau, kkt.update, kkt.batching) == (True, 0.0, 'kkt', 'mix')
     assert plan_policy('pike', names, sizes).update is None  # mixing.pike.update decides
     np.testing.assert_allclose(kkt.weights, np.full(3, 1 / 3))
+    slope = plan_policy('loss_slope', names, sizes, weights={'a': 1, 'b': 1, 'c': 2})
+    assert (slope.adaptive, slope.algorithm, slope.batching) == (True, 'loss_slope', 'mix')
+    np.testing.assert_allclose(slope.weights, [0.25, 0.25, 0.5])  # the prior
+    assert plan_policy('pike', names, sizes).algorithm == 'pike' and not plan_policy('mix', names, sizes).adaptive
     with pytest.raises(ValueError, match="needs mixing.weights"):
         plan_policy('fixed', names, sizes)
     with pytest.raises(ValueError, match="unknown domains"):
@@ -274,18 +279,19 @@ def test_train_entry_point_end_to_end(uninterrupted):
     assert not np.allclose(weights, 1 / 3)  # PiKE moved the weights
 
 
-def check_resumed_run(uninterrupted, interrupted, resumed) -> None:
-    """The interrupted run up to its checkpoint plus the resumed run equal the uninterrupted run exactly."""
+def check_resumed_run(uninterrupted, interrupted, resumed, prefix: str = 'pike') -> None:
+    """The interrupted run up to its checkpoint plus the resumed run equal the uninterrupted run exactly
+    (``prefix``: the adaptive algorithm's metrics, ``pike`` or ``loss_slope``)."""
     _, full_rows, full = uninterrupted
     _, first_rows, first = interrupted
     trainer, second_rows, second = resumed
     assert trainer.state.dataset_resumption.get('train') is True  # the loader state was restored, no spinning
     assert sorted(first_rows.rows) == list(range(CRASH)) and sorted(second_rows.rows) == list(range(CUT, TOTAL))
     assert {**{s: first_rows.rows[s] for s in range(CUT)}, **second_rows.rows} == full_rows.rows
-    keys = [f'pike/weight/{d}' for d in DOMAINS] + [f'metrics/val_{d}/LanguageCrossEntropy' for d in DOMAINS]
+    keys = [f'{prefix}/weight/{d}' for d in DOMAINS] + [f'metrics/val_{d}/LanguageCrossEntropy' for d in DOMAINS]
     for key in keys:
         assert [(b, v) for b, v in first[key] if b <= CUT] + second[key] == full[key], key
-    assert len(second['pike/weight/d0']) >= 2  # the resumed run made its own PiKE updates
+    assert len(second[f'{prefix}/weight/d0']) >= 2  # the resumed run made its own updates
 
 
 def autoresume_options(save_folder: str) -> list[str]:
@@ -297,6 +303,36 @@ def test_autoresume_from_a_local_folder(uninterrupted, tmp_path):
     interrupted = run(tmp_path, 'first', *options, interrupt=InterruptAfter(CRASH))
     assert interrupted[0] is None and (tmp_path / 'ckpt' / f'ep0-ba{CUT}-rank0.pt').is_file()
     check_resumed_run(uninterrupted, interrupted, run(tmp_path, 'second', *options))
+
+
+# loss-slope mixing: a bin every step, weights moving on any difference (evidence_z=0) from step 4 on
+LOSS_SLOPE = ['mixing.policy=loss_slope', 'mixing.loss_slope.check_interval=1', 'mixing.loss_slope.evidence_z=0']
+
+
+def test_loss_slope_trains_and_resumes_exactly(tmp_path):
+    """The training-loss history is checkpointed: a run killed after step CRASH and resumed from its
+    step-CUT checkpoint logs the same weights and losses as the uninterrupted run."""
+    full = run(tmp_path / 'full', 'full', *LOSS_SLOPE)
+    _, _, series = full
+    weights = np.array([[v for _, v in series[f'loss_slope/weight/{d}']] for d in DOMAINS])
+    assert weights.shape[1] == TOTAL and not np.allclose(weights[:, -1], 1 / 3)  # one check per step, moving
+    assert all(f'loss_slope/elasticity/{d}' in series for d in DOMAINS)
+    options = autoresume_options(str(tmp_path / 'ckpt'))
+    interrupted = run(tmp_path, 'first', *LOSS_SLOPE, *options, interrupt=InterruptAfter(CRASH))
+    check_resumed_run(full, interrupted, run(tmp_path, 'second', *LOSS_SLOPE, *options), prefix='loss_slope')
+
+
+def test_loss_slope_checkpoint_between_checks_keeps_the_open_interval(tmp_path):
+    """Bins of 3 steps, checkpoint after step 4: the bin of steps 4-6 holds step 4's samples after the
+    resume too (its mean training loss matches the uninterrupted run's)."""
+    every_third = [*LOSS_SLOPE, 'mixing.loss_slope.check_interval=3']
+    _, _, full = run(tmp_path / 'full', 'full', *every_third)
+    options = autoresume_options(str(tmp_path / 'ckpt'))
+    run(tmp_path, 'first', *every_third, *options, interrupt=InterruptAfter(CRASH))
+    _, _, second = run(tmp_path, 'second', *every_third, *options)
+    for d in DOMAINS:
+        key = f'loss_slope/train_loss/{d}'
+        assert [step for step, _ in full[key]] == [3, 6] and second[key] == full[key][1:], key
 
 
 def test_autoresume_from_s3(uninterrupted, s3_server, tmp_path, monkeypatch):
@@ -361,14 +397,15 @@ def launcher_env(tmp_dir, *paths: str) -> dict[str, str]:
     return env
 
 
-def test_two_fsdp2_processes_through_the_composer_launcher(tmp_path):
+@pytest.mark.parametrize('policy', ['pike', 'loss_slope'])
+def test_two_fsdp2_processes_through_the_composer_launcher(tmp_path, policy):
     """The paper-like GPU yaml, shrunk and moved to CPU by overrides, under `composer -n 2 -m composer_pike.train`."""
     data = write_manifest(tmp_path / 'data')
     out = tmp_path / 'out'
     env = launcher_env(tmp_path / 'tmp')
     overrides = [*TINY, 'data.num_workers=0', f'data.manifest={data}', f'run_dir={out}', 'model.n_layers=2',
                  *CPU_FSDP2, 'trainer.save_folder=null', 'trainer.autoresume=false',
-                 f'trainer.log_file={out}/metrics-rank{{rank}}.jsonl']
+                 f'trainer.log_file={out}/metrics-rank{{rank}}.jsonl', *(LOSS_SLOPE if policy == 'loss_slope' else [])]
     command = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', '--master_port', str(free_port()),
                '--stdout', str(tmp_path / 'rank{rank}.stdout'), '--stderr', str(tmp_path / 'rank{rank}.stderr'),
                '-m', 'composer_pike.train', MULTILINGUAL_YAML, *overrides]
@@ -376,12 +413,16 @@ def test_two_fsdp2_processes_through_the_composer_launcher(tmp_path):
     logs = ''.join(p.read_text()[-3000:] for p in sorted(tmp_path.glob('rank*.std*')))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:] + logs
     rank0, rank1 = (read_series(out / f'metrics-rank{r}.jsonl') for r in (0, 1))
+    checks = TOTAL // 2 if policy == 'pike' else TOTAL  # pike every 2 steps (TINY), loss_slope every step
     for domain in DOMAINS:
-        key = f'pike/weight/{domain}'
-        assert rank0[key] == rank1[key] and len(rank0[key]) == TOTAL // 2, key  # identical on both ranks
+        key = f'{policy}/weight/{domain}'
+        assert rank0[key] == rank1[key] and len(rank0[key]) == checks, key  # identical on both ranks
         assert [b for b, _ in rank0[f'metrics/val_{domain}/LanguageCrossEntropy']] == [CUT, TOTAL]
     assert {'eval/avg_loss', 'eval/worst_loss'} <= set(rank0)
-    assert not np.allclose([rank0[f'pike/weight/{d}'][-1][1] for d in DOMAINS], 1 / 3)
+    assert not np.allclose([rank0[f'{policy}/weight/{d}'][-1][1] for d in DOMAINS], 1 / 3)
+    if policy == 'loss_slope':  # every global sample scored once: the ranks' sums are all-reduced
+        seen = sum(rank0[f'loss_slope/samples/{d}'][-1][1] for d in DOMAINS)
+        assert seen == TOTAL * 8 and rank0['loss_slope/samples/d0'] == rank1['loss_slope/samples/d0']
     assert '[hyperparameter]: parameter_type: "DTensor"' in (out / 'log-rank0.txt').read_text()  # sharded by FSDP2
 
 
