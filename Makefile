@@ -7,6 +7,8 @@ INSTALLED := $(VENV)/.installed
 # (tests/test_foundry*.py) run in a venv of their own, so the rest is tested on the newest.
 FOUNDRY_VENV := .venv-foundry
 FOUNDRY_INSTALLED := $(FOUNDRY_VENV)/.installed
+# A variable, not a literal argument: the comma in it would split $(call)'s arguments.
+FOUNDRY_EXTRAS := -e '.[dev,foundry]'
 
 .PHONY: demo test venv foundry-venv
 
@@ -33,7 +35,7 @@ $(INSTALLED): pyproject.toml
 $(FOUNDRY_INSTALLED): pyproject.toml
 	test -x $(FOUNDRY_VENV)/bin/python || $(PYTHON) -m venv $(FOUNDRY_VENV)
 	$(FOUNDRY_VENV)/bin/python -m pip install --quiet --retries 10 --upgrade pip
-	$(call pip_install,$(FOUNDRY_VENV),-e '.[dev,foundry]')
+	$(call pip_install,$(FOUNDRY_VENV),$(FOUNDRY_EXTRAS))
 	touch $(FOUNDRY_INSTALLED)
 
 demo: $(INSTALLED)
