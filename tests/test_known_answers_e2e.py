@@ -1,9 +1,10 @@
 """Known-answer mixtures end to end: real corpora through ``pike-prep``, real training through
-``python -m composer_pike.train`` with the shipped PiKE defaults (the counterpart of the simulated
-:mod:`test_known_answers`).
+``python -m composer_pike.train`` with the shipped defaults of both adaptive policies, PiKE and
+loss-slope mixing (the counterpart of the simulated :mod:`test_known_answers` and the simulations
+in :mod:`test_loss_slope`).
 
-The model, optimizer, batch and PiKE sizes (check_interval, estimation_batch_size, num_chunks) are
-``yamls/demo_cpu.yaml``'s; no other ``mixing.pike`` key is set. Runs are shortened to ``STEPS`` steps
+The model, optimizer, batch and check sizes (check_interval, estimation_batch_size, num_chunks) are
+``yamls/demo_cpu.yaml``'s; no other ``mixing.pike`` or ``mixing.loss_slope`` key is set. Runs are shortened to ``STEPS`` steps
 (at least 12 checks) and held-out evaluation is reduced to one batch at the end.
 
 Corpora are built from Python's own standard-library source (as :mod:`streaming_prep.demo` does),
@@ -46,6 +47,7 @@ BATCH = int(DEMO.data.global_batch_size)
 CHECK_INTERVAL = int(DEMO.mixing.pike.check_interval)
 SEQ_LEN = 128  # the demo corpus's (composer_pike.demo --seq-len default)
 STEPS = 300
+POLICIES = ('pike', 'loss_slope')  # the adaptive policies; each logs <policy>/weight/<domain> at every check
 MIN_CHECKS = 12
 DOMAIN_BYTES = 1 << 20  # UTF-8 text per domain: no domain repeats within STEPS at these weights
 MAX_DOCUMENT_BYTES = 64 << 10  # leave out the few huge stdlib files, so a random draw mixes the domains well
@@ -157,9 +159,9 @@ def duplicate_corpus(tmp_path_factory, stdlib_documents) -> Path:
 # ---------------------------------------------------------------------------------------- training
 
 
-def train(manifest: Path, run_dir: Path, name: str) -> dict[str, list[tuple[int, float]]]:
-    """The demo's model and PiKE defaults for STEPS steps; the run's metrics.jsonl as series."""
-    overrides = [f'data.manifest={manifest}', 'mixing.policy=pike', f'run_name=known-answer-{name}',
+def train(manifest: Path, run_dir: Path, name: str, policy: str) -> dict[str, list[tuple[int, float]]]:
+    """The demo's model and ``policy``'s defaults for STEPS steps; the run's metrics.jsonl as series."""
+    overrides = [f'data.manifest={manifest}', f'mixing.policy={policy}', f'run_name=known-answer-{name}',
                  f'trainer.max_duration={STEPS}ba', f'trainer.eval_interval={100 * STEPS}ba',
                  'data.eval_max_batches=1']
     start = time.monotonic()
@@ -168,35 +170,37 @@ def train(manifest: Path, run_dir: Path, name: str) -> dict[str, list[tuple[int,
     return read_metrics(str(run_dir / 'metrics.jsonl'))
 
 
-def weight_history(series: dict, domains: list[str]) -> tuple[list[int], np.ndarray]:
-    """(steps, weights[check, domain]) of the logged ``pike/weight/<d>``."""
-    steps = [step for step, _ in series[f'pike/weight/{domains[0]}']]
+def weight_history(series: dict, domains: list[str], policy: str) -> tuple[list[int], np.ndarray]:
+    """(steps, weights[check, domain]) of the logged ``<policy>/weight/<d>``."""
+    steps = [step for step, _ in series[f'{policy}/weight/{domains[0]}']]
     for d in domains:
-        assert [step for step, _ in series[f'pike/weight/{d}']] == steps, d
-    weights = np.array([[value for _, value in series[f'pike/weight/{d}']] for d in domains]).T
+        assert [step for step, _ in series[f'{policy}/weight/{d}']] == steps, d
+    weights = np.array([[value for _, value in series[f'{policy}/weight/{d}']] for d in domains]).T
     assert len(steps) >= MIN_CHECKS, f'only {len(steps)} checks logged'
     return steps, weights
 
 
-def report(name: str, series: dict, domains: list[str], steps: list[int], weights: np.ndarray) -> None:
+REPORTED = {'pike': ('advantage', 'advantage_se', 'noise_scale', 'score', 'pooled/grad_sq_norm', 'probe_loss'),
+            'loss_slope': ('advantage', 'advantage_se', 'elasticity', 'elasticity_se', 'train_loss', 'bins')}
+
+
+def report(name: str, policy: str, series: dict, domains: list[str], steps: list[int], weights: np.ndarray) -> None:
     """Weights per check, then the last check's statistics per domain."""
-    skipped = [step for step, value in series.get('pike/skipped', []) if value]
-    print(f'[{name}] weights per check (skipped checks: {skipped or "none"})')
+    skipped = [step for step, value in series.get(f'{policy}/skipped', []) if value]
+    print(f'[{name}] {policy} weights per check (skipped checks: {skipped or "none"})')
     print('  step  ' + ' '.join(f'{d:>13}' for d in domains))
     for step, row in zip(steps, weights):
         print(f'  {step:4d}  ' + ' '.join(f'{w:13.4f}' for w in row))
     print(f'[{name}] last check (step {steps[-1]}):')
     for key in ('zeta_ratio', 'critical_z'):
-        if f'pike/{key}' in series:
-            print(f'  pike/{key} = {series[f"pike/{key}"][-1][1]:.4g}')
-    print(f'  {"domain":>13} {"advantage":>11} {"advantage_se":>13} {"noise_scale":>12} {"score":>9} '
-          f'{"pooled G":>10} {"probe_loss":>10}')
+        if f'{policy}/{key}' in series:
+            print(f'  {policy}/{key} = {series[f"{policy}/{key}"][-1][1]:.4g}')
+    print(f'  {"domain":>13} ' + ' '.join(f'{metric:>13}' for metric in REPORTED[policy]))
     for d in domains:
         def last(metric: str) -> float:
-            values = series.get(f'pike/{metric}/{d}')
+            values = series.get(f'{policy}/{metric}/{d}')
             return values[-1][1] if values else float('nan')
-        print(f'  {d:>13} {last("advantage"):11.4g} {last("advantage_se"):13.4g} {last("noise_scale"):12.4g} '
-              f'{last("score"):9.4f} {last("pooled/grad_sq_norm"):10.4g} {last("probe_loss"):10.4f}')
+        print(f'  {d:>13} ' + ' '.join(f'{last(metric):13.4g}' for metric in REPORTED[policy]))
 
 
 def domain_names(manifest: Path) -> list[str]:
@@ -208,50 +212,54 @@ def domain_names(manifest: Path) -> list[str]:
 
 def test_setup_has_enough_checks():
     assert len(range(0, STEPS, CHECK_INTERVAL)) >= MIN_CHECKS
+    assert DEMO.mixing.loss_slope.check_interval == CHECK_INTERVAL
 
 
-def test_null_mixture_keeps_uniform_weights(null_corpus, tmp_path):
+@pytest.mark.parametrize('policy', POLICIES)
+def test_null_mixture_keeps_uniform_weights(null_corpus, tmp_path, policy):
     """One corpus split at random into 4 domains: every weight within NULL_BOUND nats of 1/4 at every check."""
     domains = domain_names(null_corpus)
-    series = train(null_corpus, tmp_path / 'run', 'null')
-    steps, weights = weight_history(series, domains)
-    report('null', series, domains, steps, weights)
+    series = train(null_corpus, tmp_path / 'run', 'null', policy)
+    steps, weights = weight_history(series, domains, policy)
+    report('null', policy, series, domains, steps, weights)
     deviation = np.abs(np.log(len(domains) * weights))
     worst = np.unravel_index(np.argmax(deviation), deviation.shape)
-    print(f'[null] max |log(4 w)| = {deviation.max():.4f} nats (domain {domains[worst[1]]} at step '
+    print(f'[null {policy}] max |log(4 w)| = {deviation.max():.4f} nats (domain {domains[worst[1]]} at step '
           f'{steps[worst[0]]}; bound {NULL_BOUND}); final log spread {log_spread(weights[-1]):.4f}')
     assert deviation.max() <= NULL_BOUND
 
 
-def test_random_characters_sink_to_the_floor(planted_corpus, tmp_path):
+@pytest.mark.parametrize('policy', POLICIES)
+def test_random_characters_sink_to_the_floor(planted_corpus, tmp_path, policy):
     """Three random thirds of the stdlib and uniformly random characters: the random domain ends at (at
     most twice) the floor and is the lowest weight from some check on."""
     domains = domain_names(planted_corpus)
     sunk = domains.index('random_chars')
-    series = train(planted_corpus, tmp_path / 'run', 'planted')
-    steps, weights = weight_history(series, domains)
-    report('planted', series, domains, steps, weights)
+    series = train(planted_corpus, tmp_path / 'run', 'planted', policy)
+    steps, weights = weight_history(series, domains, policy)
+    report('planted', policy, series, domains, steps, weights)
     floor = default_min_weight(len(domains), BATCH)
     others = np.delete(weights, sunk, axis=1)
     lowest = weights[:, sunk] <= others.min(axis=1)
     since = next((c for c in range(len(steps)) if lowest[c:].all()), None)
-    print(f'[planted] random_chars trajectory: {" ".join(f"{w:.4f}" for w in weights[:, sunk])}')
-    print(f'[planted] floor {floor:.5f}; final {weights[-1, sunk]:.5f} ({weights[-1, sunk] / floor:.2f} x floor); '
+    print(f'[planted {policy}] random_chars trajectory: {" ".join(f"{w:.4f}" for w in weights[:, sunk])}')
+    print(f'[planted {policy}] floor {floor:.5f}; final {weights[-1, sunk]:.5f} ({weights[-1, sunk] / floor:.2f} x floor); '
           f'lowest from check {since} (step {steps[since] if since is not None else None}) on; '
           f'log spread of the three thirds at the end {log_spread(others[-1]):.4f}')
     assert weights[-1, sunk] <= 2 * floor
     assert since is not None
 
 
-def test_duplicated_domain_copies_share_weight(duplicate_corpus, tmp_path):
+@pytest.mark.parametrize('policy', POLICIES)
+def test_duplicated_domain_copies_share_weight(duplicate_corpus, tmp_path, policy):
     """Identical shards under two names beside two other domains: the copies end within DUPLICATE_BOUND nats."""
     domains = domain_names(duplicate_corpus)
     a, b = domains.index('copy_a'), domains.index('copy_b')
-    series = train(duplicate_corpus, tmp_path / 'run', 'duplicates')
-    steps, weights = weight_history(series, domains)
-    report('duplicates', series, domains, steps, weights)
+    series = train(duplicate_corpus, tmp_path / 'run', 'duplicates', policy)
+    steps, weights = weight_history(series, domains, policy)
+    report('duplicates', policy, series, domains, steps, weights)
     ratios = np.log(weights[:, a] / weights[:, b])
-    print(f'[duplicates] log(w_copy_a / w_copy_b) per check: {" ".join(f"{r:+.4f}" for r in ratios)}')
-    print(f'[duplicates] final |log ratio| {abs(ratios[-1]):.4f} (bound {DUPLICATE_BOUND}); '
+    print(f'[duplicates {policy}] log(w_copy_a / w_copy_b) per check: {" ".join(f"{r:+.4f}" for r in ratios)}')
+    print(f'[duplicates {policy}] final |log ratio| {abs(ratios[-1]):.4f} (bound {DUPLICATE_BOUND}); '
           f'copies together {weights[-1, a] + weights[-1, b]:.4f}')
     assert abs(ratios[-1]) <= DUPLICATE_BOUND
