@@ -95,7 +95,7 @@ def plot(runs: dict[str, dict], domains: list[str], path: str) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for policy, series in runs.items():
         for d in domains:
-            if f'pike/weight/{d}' in series:
+            if f'pike/weight/{d}' in series or f'loss_slope/weight/{d}' in series:  # adaptive policies
                 steps, values = zip(*series[f'mixture/weight/{d}'])
                 left.plot(steps, values, label=f'{policy}: {d}')
         for name, style in (('eval/avg_loss', '-'), ('eval/worst_loss', '--')):

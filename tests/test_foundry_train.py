@@ -101,6 +101,22 @@ def test_two_ranks_train_like_one(data, tmp_path):
         assert values_two == pytest.approx(values_one, rel=1e-3, abs=1e-4), name
 
 
+def test_loss_slope_replaces_pike_in_the_same_yaml(data, tmp_path):
+    """``algorithms: {loss_slope: ...}`` instead of ``pike``: every training sample is scored once (two
+    microbatches a step) and the weights move (evidence_z 0: on any difference)."""
+    config = OmegaConf.load(PIKE_YAML)
+    config.algorithms = {'loss_slope': {'check_interval': 2, 'evidence_z': 0}}
+    yaml = tmp_path / 'loss_slope.yaml'
+    OmegaConf.save(config, yaml)
+    run = foundry_train(yaml, tmp_path, *where(data, tmp_path))
+    run.check()
+    assert run.trained_batches == 24 and not run.names('pike/')
+    assert run.last('loss_slope/checks') == 12
+    assert sum(run.last(f'loss_slope/samples/{d}') for d in DEMO_DOMAINS) == 24 * config.global_train_batch_size
+    weights = [run.last(f'loss_slope/weight/{d}') for d in DEMO_DOMAINS]
+    assert abs(sum(weights) - 1) < 1e-6 and max(abs(w - 0.25) for w in weights) > 1e-3
+
+
 def test_an_llm_foundry_streams_block_over_its_converted_shards_trains_with_pike(data, tmp_path):
     run = foundry_train(STREAMS_YAML, tmp_path, *where(data, tmp_path, dataset='foundry'))
     run.check()
