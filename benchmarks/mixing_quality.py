@@ -136,6 +136,10 @@ class Setting:
     overrides: tuple[str, ...]
 
 
+# loss_slope checks every 25 steps (the demo yaml's interval): its checks cost no compute, and its first fit
+# needs two bins within each domain's last doubling of samples, i.e. the 4th check. At 50 steps (PiKE's
+# interval, whose probes cost compute) that came at step 200 of 600 and the 5 paired seeds ended even with
+# Mix (-0.0000 [-0.0010, +0.0011] nats); at 25, at step 100, -0.0073 [-0.0100, -0.0053] (README).
 # quick: 25 runs (5 policies x 5 seeds) of a 0.59M-parameter byte-level LLaMA (d128, 2 layers, 4 heads,
 # RoPE, no dropout), 600 steps of 48 x 64 tokens, warmup 30 then cosine to 0.1 x lr. PiKE probes every
 # domain (the default for K <= 8) x 8 samples in 4 chunks every 50 steps: 48 samples per 2400 trained
@@ -162,7 +166,7 @@ class Setting:
 COMMON = ('model.family=llama', 'model.d_model=128', 'model.n_layers=2', 'model.n_heads=4',
           'optimizer.lr=2.0e-3', 'optimizer.weight_decay=2.0e-4', 'data.eval_batch_size=128',
           'data.eval_max_batches=4', 'mixing.pike.check_interval=50', 'mixing.pike.estimation_batch_size=8',
-          'mixing.pike.num_chunks=4', 'mixing.loss_slope.check_interval=50')
+          'mixing.pike.num_chunks=4', 'mixing.loss_slope.check_interval=25')
 QUICK = Setting(steps=600, seeds=(0, 1, 2, 3, 4), seq_len=64, overrides=(
     *COMMON, 'data.global_batch_size=48', 'optimizer.warmup=30ba', 'trainer.eval_interval=50ba'))
 # full: sequences of 128, batches of 64 (3200 samples per check: the probe is 1.5%), 1500 steps (hours on CPU).

@@ -1,4 +1,4 @@
-"""The README's main job: PiKE vs uniform Mix on the four-domain demo corpus, on CPU.
+"""The README's main job: PiKE and loss-slope mixing vs uniform Mix on the four-domain demo corpus, on CPU.
 
 1. Builds the demo corpus (text shipped with Python itself) into ``runs/demo/data`` with pike-prep
    (skipped when its manifest exists).
@@ -7,7 +7,7 @@
 3. Prints a per-domain table (final held-out loss per domain, average, worst, final weights) and
    writes ``runs/demo/demo.png`` with the weight trajectories and held-out loss curves.
 
-Run: ``python -m composer_pike.demo [--policies mix pike] [key=value ...]`` (e.g. ``trainer.max_duration=200ba``).
+Run: ``python -m composer_pike.demo [--policies mix pike loss_slope] [key=value ...]`` (e.g. ``trainer.max_duration=200ba``).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def plot(runs: dict[str, dict], domains: list[str], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--policies', nargs='+', default=['mix', 'pike'])
+    parser.add_argument('--policies', nargs='+', default=['mix', 'pike', 'loss_slope'])
     parser.add_argument('--config', default='yamls/demo_cpu.yaml')
     parser.add_argument('--root', default=DEMO_ROOT)
     parser.add_argument('--seq-len', type=int, default=128)
