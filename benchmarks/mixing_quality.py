@@ -8,8 +8,9 @@ global batch and sequence length (so the same number of training tokens), once p
     pike                 PiKE (adaptive, tau = 0; the product's default update rule)
     balanced_pike_tau3   Balanced-PiKE, tau = 3 (the paper's value)
     pike_kkt             conceptual PiKE: the exact minimiser of the one-step descent bound
-    --policies also:     loss_slope (loss-slope mixing: weights from the loss elasticities of the
-                         training batches, no probe), random (each whole batch from one domain),
+    loss_slope           loss-slope mixing: weights from the loss elasticities of the training
+                         batches (no probe)
+    --policies also:     random (each whole batch from one domain),
                          round_robin (whole batches in turn), balanced_pike_tau1 (far worse in
                          earlier runs, so not by default),
                          fixed (the static weights given by --fixed-weights, e.g. the mixture that
@@ -76,8 +77,8 @@ balanced_pike_tau3's final worst (average) loss / Mix's, same seed. Outputs in `
 (per-seed table, per-domain losses, final weights, PiKE's statistics at its last check), results.json,
 results.png and pike_stats.png.
 
-    # 5 policies x 5 seeds x 600 steps; about 2 min a run on the idle 2-core machine (estimate:
-    # ~75 s of training, 12 evaluations, start-up), so 45-50 min; it was 3-4x slower under load
+    # 6 policies x 5 seeds x 600 steps; about 2.5 min a run on the idle 2-core machine (estimate:
+    # ~75 s of training, 12 evaluations, start-up), so 60-75 min; it was 3-4x slower under load
     .venv/bin/python benchmarks/mixing_quality.py --quick --out runs/mixing_quality
     .venv/bin/python benchmarks/mixing_quality.py                       # full: 1500 steps, 5 seeds, seq 128 (hours)
     .venv/bin/python benchmarks/mixing_quality.py --quick --policies mix pike --seeds 0 1 2 3 4 5 6 7
@@ -113,7 +114,7 @@ POLICIES: dict[str, list[str]] = {
     'balanced_pike_tau1': ['mixing.policy=balanced_pike', 'mixing.tau=1'],
     'fixed': ['mixing.policy=fixed'],  # weights from --fixed-weights
 }
-DEFAULT_POLICIES = ('mix', 'temperature', 'pike', 'balanced_pike_tau3', 'pike_kkt')
+DEFAULT_POLICIES = ('mix', 'temperature', 'pike', 'balanced_pike_tau3', 'pike_kkt', 'loss_slope')
 ADAPTIVE = frozenset({'pike', 'balanced_pike_tau1', 'balanced_pike_tau3', 'pike_kkt'})  # run the probe
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVG, WORST, PROBE = 'eval/avg_loss', 'eval/worst_loss', 'pike/probe_samples'
@@ -140,7 +141,7 @@ class Setting:
 # needs two bins within each domain's last doubling of samples, i.e. the 4th check. At 50 steps (PiKE's
 # interval, whose probes cost compute) that came at step 200 of 600 and the 5 paired seeds ended even with
 # Mix (-0.0000 [-0.0010, +0.0011] nats); at 25, at step 100, -0.0073 [-0.0100, -0.0053] (README).
-# quick: 25 runs (5 policies x 5 seeds) of a 0.59M-parameter byte-level LLaMA (d128, 2 layers, 4 heads,
+# quick: 30 runs (6 policies x 5 seeds) of a 0.59M-parameter byte-level LLaMA (d128, 2 layers, 4 heads,
 # RoPE, no dropout), 600 steps of 48 x 64 tokens, warmup 30 then cosine to 0.1 x lr. PiKE probes every
 # domain (the default for K <= 8) x 8 samples in 4 chunks every 50 steps: 48 samples per 2400 trained
 # = 2.0%. Until issue 10's second round it probed 2 domains x
