@@ -170,20 +170,15 @@ class PiKE(Algorithm):
         for name, value in (('zeta_ratio', zeta_ratio), ('smoothness', smoothness)):
             if value != 'auto' and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be 'auto' or > 0, got {value!r}")
-        for name, value in (('step_size', step_size), ('score_clip', score_clip), ('beta', beta),
-                            ('gamma', gamma)):
+        for name, value in (('beta', beta), ('gamma', gamma)):
             if not value > 0:
                 raise ValueError(f'{name} must be > 0, got {value}')
-        if not evidence_z >= 0:
-            raise ValueError(f'evidence_z must be >= 0, got {evidence_z}')
         if not 0 <= pool_decay < 1:
             raise ValueError(f'pool_decay must be in [0, 1), got {pool_decay}')
         if not drift_z > 0:
             raise ValueError(f'drift_z must be > 0, got {drift_z}')
-        if tau < 0:
-            raise ValueError(f'tau must be >= 0, got {tau}')
-        if max_epochs_per_domain is not None and not max_epochs_per_domain > 0:
-            raise ValueError(f'max_epochs_per_domain must be > 0, got {max_epochs_per_domain}')
+        check_step_options(step_size=step_size, evidence_z=evidence_z, score_clip=score_clip, tau=tau,
+                           max_epochs_per_domain=max_epochs_per_domain)
         self.check_interval = check_interval
         self.first_check = int(first_check)
         self.estimation_batch_size = estimation_batch_size
@@ -439,10 +434,8 @@ class PiKE(Algorithm):
                             min_weight=self._floor(mask), max_weight=self._weight_cap(state), reason=reason)
 
     def _floor(self, mask: np.ndarray) -> float:
-        """``min_weight``, by default one sample per batch (see :func:`default_min_weight`)."""
-        if self.min_weight is not None:
-            return self.min_weight
-        return default_min_weight(int(np.count_nonzero(mask)), self.mixture.planner.global_batch_size)
+        assert self.mixture is not None
+        return weight_floor(self.mixture, mask, self.min_weight)
 
     def _weight_cap(self, state: State) -> float | np.ndarray:
         assert self.mixture is not None
@@ -528,6 +521,27 @@ class PiKE(Algorithm):
 def _device_microbatch(state: State) -> int | None:
     size = getattr(state, 'device_train_microbatch_size', None)
     return size if isinstance(size, int) and size > 0 else None
+
+
+def check_step_options(*, step_size: float, evidence_z: float, score_clip: float, tau: float,
+                       max_epochs_per_domain: float | None) -> None:
+    """The options every adaptive algorithm here shares (evidence-driven steps within floor and cap)."""
+    for name, value in (('step_size', step_size), ('score_clip', score_clip)):
+        if not value > 0:
+            raise ValueError(f'{name} must be > 0, got {value}')
+    if not evidence_z >= 0:
+        raise ValueError(f'evidence_z must be >= 0, got {evidence_z}')
+    if tau < 0:
+        raise ValueError(f'tau must be >= 0, got {tau}')
+    if max_epochs_per_domain is not None and not max_epochs_per_domain > 0:
+        raise ValueError(f'max_epochs_per_domain must be > 0, got {max_epochs_per_domain}')
+
+
+def weight_floor(mixture: MixtureDataset, mask: np.ndarray, min_weight: float | None) -> float:
+    """``min_weight``, by default one sample per batch (see :func:`default_min_weight`)."""
+    if min_weight is not None:
+        return min_weight
+    return default_min_weight(int(np.count_nonzero(mask)), mixture.planner.global_batch_size)
 
 
 def weight_cap(state: State, mixture: MixtureDataset, max_weight: float,

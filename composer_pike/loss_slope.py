@@ -25,10 +25,10 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_pike.algorithm import find_mixture, weight_cap
+from composer_pike.algorithm import check_step_options, find_mixture, weight_cap, weight_floor
 from composer_pike.data import MixtureDataset
 from composer_pike.stats import LossTrend
-from composer_pike.weights import apply_scores, balanced_coefficients, default_min_weight, elasticity_scores
+from composer_pike.weights import apply_scores, balanced_coefficients, elasticity_scores
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of tokens that carry no loss (Hugging Face and llm-foundry convention)
@@ -86,16 +86,8 @@ class LossSlope(Algorithm):
             raise ValueError(f'check_interval must be >= 1, got {check_interval}')
         if not window > 1:
             raise ValueError(f'window must be > 1, got {window}')
-        if not step_size > 0:
-            raise ValueError(f'step_size must be > 0, got {step_size}')
-        if not evidence_z >= 0:
-            raise ValueError(f'evidence_z must be >= 0, got {evidence_z}')
-        if not score_clip > 0:
-            raise ValueError(f'score_clip must be > 0, got {score_clip}')
-        if tau < 0:
-            raise ValueError(f'tau must be >= 0, got {tau}')
-        if max_epochs_per_domain is not None and not max_epochs_per_domain > 0:
-            raise ValueError(f'max_epochs_per_domain must be > 0, got {max_epochs_per_domain}')
+        check_step_options(step_size=step_size, evidence_z=evidence_z, score_clip=score_clip, tau=tau,
+                           max_epochs_per_domain=max_epochs_per_domain)
         self.check_interval = check_interval
         self.window = window
         self.step_size = step_size
@@ -183,8 +175,7 @@ class LossSlope(Algorithm):
         self._interval.zero_()
         self.checks += 1
         mask = mixture.planner.active
-        floor = default_min_weight(int(np.count_nonzero(mask)), mixture.planner.global_batch_size) \
-            if self.min_weight is None else self.min_weight
+        floor = weight_floor(mixture, mask, self.min_weight)
         cap = weight_cap(state, mixture, self.max_weight, self.max_epochs_per_domain)
         elasticities, errors, bins = trend.elasticities(self.window)
         seen = trend.samples_seen

@@ -101,6 +101,16 @@ def _require_finite(name: str, array: FloatArray) -> None:
         raise ValueError(f"{name} must be finite; domain {bad[0]} is {array[bad[0]]}")
 
 
+def _non_finite_reason(mask: NDArray[np.bool_], arrays: dict[str, FloatArray]) -> str:
+    """``"non-finite <name> for active domain(s) [...]"`` for the first array with a non-finite active
+    entry, "" when every active entry is finite (no update rather than an error: statistics can be missing)."""
+    for name, values in arrays.items():
+        bad = np.flatnonzero(mask & ~np.isfinite(values))
+        if bad.size:
+            return f"non-finite {name} for active domain(s) {bad.tolist()}"
+    return ""
+
+
 def _statistics(
     grad_sq_norms: ArrayLike, per_sample_variances: ArrayLike
 ) -> tuple[FloatArray, FloatArray]:
@@ -479,10 +489,9 @@ def _skip_reason(
     if coefficients is not None:
         statistics["loss_weights"] = coefficients
     statistics["scores (overflow)"] = raw_scores
-    for name, values in statistics.items():
-        bad = np.flatnonzero(mask & ~np.isfinite(values))
-        if bad.size:
-            return f"non-finite {name} for active domain(s) {bad.tolist()}"
+    reason = _non_finite_reason(mask, statistics)
+    if reason:
+        return reason
     if not (grad[mask].any() or variance[mask].any()):
         return "all gradient statistics are zero on the active domains"
     return ""
@@ -620,10 +629,9 @@ def evidence_scores(
     zeros = np.zeros(num_domains)
     inputs = {"grad_sq_norms": grad, "per_sample_variances": variance, "grad_sq_var": grad_var,
               "variance_var": variance_var, "covariance": covariance, "loss_weights": coefficients}
-    for name, values in inputs.items():
-        bad = np.flatnonzero(mask & ~np.isfinite(values))
-        if bad.size:
-            return EvidenceScores(zeros, zeros, zeros, critical, f"non-finite {name} for active domain(s) {bad.tolist()}")
+    reason = _non_finite_reason(mask, inputs)
+    if reason:
+        return EvidenceScores(zeros, zeros, zeros, critical, reason)
 
     grad, variance, grad_var, variance_var, covariance, coefficients = (
         np.where(mask, values, 0.0) for values in inputs.values())
@@ -686,10 +694,9 @@ def elasticity_scores(
     step_size = _positive("step_size", step_size)
     evidence_z = _non_negative("evidence_z", evidence_z)
     zeros = np.zeros(num_domains)
-    for name, array in (("elasticities", values), ("standard_errors", errors), ("loss_weights", coefficients)):
-        bad = np.flatnonzero(mask & ~np.isfinite(array))
-        if bad.size:
-            return EvidenceScores(zeros, zeros, zeros, evidence_z, f"no {name} yet for active domain(s) {bad.tolist()}")
+    reason = _non_finite_reason(mask, {"elasticities": values, "standard_errors": errors, "loss_weights": coefficients})
+    if reason:  # an elasticity is NaN until its domain has two bins in its window
+        return EvidenceScores(zeros, zeros, zeros, evidence_z, reason)
     if not (mix[mask] > 0).all():
         raise ValueError(f"weights must be > 0 on the active domains, got {mix[mask].tolist()}")
     signal = float(np.sum(np.where(mask, coefficients * values, 0.0)))

@@ -104,7 +104,7 @@ def test_elasticity_scores_move_only_on_evidence():
     # no update without evidence of anything to learn, or with missing fits; inactive domains are ignored
     assert 'not positive' in elasticity_scores([-0.1, 0.05], [0.01] * 2, [0.5, 0.5], step_size=0.5,
                                                evidence_z=2.5).reason
-    assert 'no elasticities yet' in elasticity_scores([np.nan, 0.2], [0.01] * 2, [0.5, 0.5], step_size=0.5,
+    assert 'non-finite elasticities for active domain(s) [0]' in elasticity_scores([np.nan, 0.2], [0.01] * 2, [0.5, 0.5], step_size=0.5,
                                                       evidence_z=2.5).reason
     assert elasticity_scores([np.nan, 0.2, 0.2], [1, 0.01, 0.01], [0.0, 0.5, 0.5], step_size=0.5, evidence_z=2.5,
                              active=[False, True, True]).reason == ''
