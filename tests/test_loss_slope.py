@@ -79,6 +79,11 @@ def test_elasticities_need_two_bins_and_state_round_trips():
     copy.load_state_dict(trend.state_dict())
     np.testing.assert_array_equal(copy.elasticities(2.0)[0], trend.elasticities(2.0)[0])
     np.testing.assert_array_equal(copy.latest_losses(), trend.latest_losses())
+    sparse = LossTrend(3)
+    assert np.isnan(sparse.latest_losses()).all()
+    sparse.add_bin([4.0, 6.0, 0.0], [8.0, 18.0, 0.0], [2, 3, 0])
+    sparse.add_bin([5.0, 0.0, 0.0], [25.0, 0.0, 0.0], [1, 0, 0])  # domain 1 had no sample in the last bin
+    np.testing.assert_array_equal(sparse.latest_losses(), [5.0, 2.0, np.nan])
     with pytest.raises(ValueError, match='counts has 3 entries for 2 domains'):
         trend.add_bin([0.0, 0.0], [0.0, 0.0], [1, 1, 1])
     with pytest.raises(ValueError, match='window must be > 1'):

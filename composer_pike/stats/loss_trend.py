@@ -77,13 +77,14 @@ class LossTrend:
 
     def latest_losses(self) -> FloatArray:
         """Each domain's mean training loss in its most recent bin with samples (NaN if none)."""
-        means = np.full(self.num_domains, np.nan)
-        for k in range(self.num_domains):
-            filled = np.flatnonzero(self.counts[:, k] > 0)
-            if filled.size:
-                last = filled[-1]
-                means[k] = self.loss_sums[last, k] / self.counts[last, k]
-        return means
+        filled = self.counts > 0
+        if not self.num_bins:
+            return np.full(self.num_domains, np.nan)
+        last = self.num_bins - 1 - np.argmax(filled[::-1], axis=0)  # each column's last filled bin
+        columns = np.arange(self.num_domains)
+        counts = self.counts[last, columns]
+        with np.errstate(invalid='ignore', divide='ignore'):
+            return np.where(counts > 0, self.loss_sums[last, columns] / counts, np.nan)
 
     def elasticities(self, window: float) -> tuple[FloatArray, FloatArray, NDArray[np.int64]]:
         """Per domain ``(e_k, its standard error, bins used)`` over the bins that start within the
