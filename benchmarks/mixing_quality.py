@@ -10,6 +10,8 @@ global batch and sequence length (so the same number of training tokens), once p
     pike_kkt             conceptual PiKE: the exact minimiser of the one-step descent bound
     loss_slope           loss-slope mixing: weights from the loss elasticities of the training
                          batches (no probe)
+    balanced_loss_slope_tau3  its Balanced variant, tau = 3 (the latest training losses tilt the
+                         elasticities as Balanced-PiKE's probe losses tilt its scores)
     --policies also:     random (each whole batch from one domain),
                          round_robin (whole batches in turn), balanced_pike_tau1 (far worse in
                          earlier runs, so not by default),
@@ -73,12 +75,14 @@ worst_loss_diff_ci, probe_fraction, s_per_step, ...}}, "pike_steps_to_mix_final"
 "pike_compute_to_mix_final", "pike_compute_to_mix_final_ci", "balanced_worst_vs_mix",
 "balanced_avg_vs_mix", ...}``: pike_steps_to_mix_final = pike's mean steps_to_mix_final / T (null if a
 seed never reached its target); balanced_worst_vs_mix and balanced_avg_vs_mix = mean over seeds of
-balanced_pike_tau3's final worst (average) loss / Mix's, same seed. Outputs in ``--out``: results.md
+balanced_pike_tau3's final worst (average) loss / Mix's, same seed; loss_slope_compute_to_mix_final and
+balanced_loss_slope_{worst,avg}_vs_mix (with _ci) are the same figures for loss_slope and
+balanced_loss_slope_tau3. Outputs in ``--out``: results.md
 (per-seed table, per-domain losses, final weights, PiKE's statistics at its last check), results.json,
 results.png and pike_stats.png.
 
-    # 6 policies x 5 seeds x 600 steps; about 2.5 min a run on the idle 2-core machine (estimate:
-    # ~75 s of training, 12 evaluations, start-up), so 60-75 min; it was 3-4x slower under load
+    # 7 policies x 5 seeds x 600 steps; about 2.5 min a run on the idle 2-core machine (estimate:
+    # ~75 s of training, 12 evaluations, start-up), so 75-90 min; it was 3-4x slower under load
     .venv/bin/python benchmarks/mixing_quality.py --quick --out runs/mixing_quality
     .venv/bin/python benchmarks/mixing_quality.py                       # full: 1500 steps, 5 seeds, seq 128 (hours)
     .venv/bin/python benchmarks/mixing_quality.py --quick --policies mix pike --seeds 0 1 2 3 4 5 6 7
@@ -109,12 +113,14 @@ POLICIES: dict[str, list[str]] = {
     'balanced_pike_tau3': ['mixing.policy=balanced_pike', 'mixing.tau=3'],
     'pike_kkt': ['mixing.policy=pike_kkt'],
     'loss_slope': ['mixing.policy=loss_slope'],
+    'balanced_loss_slope_tau3': ['mixing.policy=balanced_loss_slope', 'mixing.tau=3'],
     'random': ['mixing.policy=random'],
     'round_robin': ['mixing.policy=round_robin'],
     'balanced_pike_tau1': ['mixing.policy=balanced_pike', 'mixing.tau=1'],
     'fixed': ['mixing.policy=fixed'],  # weights from --fixed-weights
 }
-DEFAULT_POLICIES = ('mix', 'temperature', 'pike', 'balanced_pike_tau3', 'pike_kkt', 'loss_slope')
+DEFAULT_POLICIES = ('mix', 'temperature', 'pike', 'balanced_pike_tau3', 'pike_kkt', 'loss_slope',
+                    'balanced_loss_slope_tau3')
 ADAPTIVE = frozenset({'pike', 'balanced_pike_tau1', 'balanced_pike_tau3', 'pike_kkt'})  # run the probe
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVG, WORST, PROBE = 'eval/avg_loss', 'eval/worst_loss', 'pike/probe_samples'
@@ -141,7 +147,7 @@ class Setting:
 # needs two bins within each domain's last doubling of samples, i.e. the 4th check. At 50 steps (PiKE's
 # interval, whose probes cost compute) that came at step 200 of 600 and the 5 paired seeds ended even with
 # Mix (-0.0000 [-0.0010, +0.0011] nats); at 25, at step 100, -0.0073 [-0.0100, -0.0053] (README).
-# quick: 30 runs (6 policies x 5 seeds) of a 0.59M-parameter byte-level LLaMA (d128, 2 layers, 4 heads,
+# quick: 35 runs (7 policies x 5 seeds) of a 0.59M-parameter byte-level LLaMA (d128, 2 layers, 4 heads,
 # RoPE, no dropout), 600 steps of 48 x 64 tokens, warmup 30 then cosine to 0.1 x lr. PiKE probes every
 # domain (the default for K <= 8) x 8 samples in 4 chunks every 50 steps: 48 samples per 2400 trained
 # = 2.0%. Until issue 10's second round it probed 2 domains x
@@ -436,6 +442,13 @@ def summarize(runs: Mapping[str, Sequence[Run]]) -> dict:
         'balanced_worst_vs_mix_ci': pick('balanced_pike_tau3', 'worst_loss_ratio_ci'),
         'balanced_avg_vs_mix': pick('balanced_pike_tau3', 'avg_loss_ratio'),
         'balanced_avg_vs_mix_ci': pick('balanced_pike_tau3', 'avg_loss_ratio_ci'),
+        # the same goals, met by the probe-free policy or not
+        'loss_slope_compute_to_mix_final': pick('loss_slope', 'compute_to_mix_final'),
+        'loss_slope_compute_to_mix_final_ci': pick('loss_slope', 'compute_to_mix_final_ci'),
+        'balanced_loss_slope_worst_vs_mix': pick('balanced_loss_slope_tau3', 'worst_loss_ratio'),
+        'balanced_loss_slope_worst_vs_mix_ci': pick('balanced_loss_slope_tau3', 'worst_loss_ratio_ci'),
+        'balanced_loss_slope_avg_vs_mix': pick('balanced_loss_slope_tau3', 'avg_loss_ratio'),
+        'balanced_loss_slope_avg_vs_mix_ci': pick('balanced_loss_slope_tau3', 'avg_loss_ratio_ci'),
     }
 
 
@@ -538,7 +551,13 @@ def results_markdown(summary: dict, runs: Mapping[str, Sequence[Run]], seeds: Se
               f"balanced_worst_vs_mix = {_fmt(summary['balanced_worst_vs_mix'], 4)} "
               f"{_ci(summary['balanced_worst_vs_mix_ci'], 4)} (goal <= 0.97); "
               f"balanced_avg_vs_mix = {_fmt(summary['balanced_avg_vs_mix'], 4)} "
-              f"{_ci(summary['balanced_avg_vs_mix_ci'], 4)} (goal <= 1.005)"]
+              f"{_ci(summary['balanced_avg_vs_mix_ci'], 4)} (goal <= 1.005)",
+              '', f"loss-slope: compute_to_mix_final = {_fmt(summary['loss_slope_compute_to_mix_final'])} "
+              f"{_ci(summary['loss_slope_compute_to_mix_final_ci'])}; Balanced (tau 3) worst_vs_mix = "
+              f"{_fmt(summary['balanced_loss_slope_worst_vs_mix'], 4)} "
+              f"{_ci(summary['balanced_loss_slope_worst_vs_mix_ci'], 4)}, avg_vs_mix = "
+              f"{_fmt(summary['balanced_loss_slope_avg_vs_mix'], 4)} "
+              f"{_ci(summary['balanced_loss_slope_avg_vs_mix_ci'], 4)} (the same goals)"]
     fallback = sorted({name for name, rows in pairs.items() for p in rows if p['probe_source'] == 'config'})
     if fallback:
         lines += ['', f"{PROBE} was not logged by {', '.join(fallback)}: their probe samples were computed from "

@@ -11,8 +11,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-POLICIES = ('pike', 'balanced_pike', 'pike_kkt', 'loss_slope', 'mix', 'fixed', 'temperature', 'random', 'round_robin')
-ADAPTIVE = {'pike': (0.0, None), 'balanced_pike': (None, None), 'pike_kkt': (0.0, 'kkt')}  # tau, update rule
+POLICIES = ('pike', 'balanced_pike', 'pike_kkt', 'loss_slope', 'balanced_loss_slope', 'mix', 'fixed', 'temperature',
+            'random', 'round_robin')
+# adaptive policy: (steering algorithm, tau (None: mixing.tau), PiKE update rule (None: mixing.pike.update))
+ADAPTIVE = {'pike': ('pike', 0.0, None), 'balanced_pike': ('pike', None, None), 'pike_kkt': ('pike', 0.0, 'kkt'),
+            'loss_slope': ('loss_slope', 0.0, None), 'balanced_loss_slope': ('loss_slope', None, None)}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def plan_policy(
     """Resolve a policy name to loader settings.
 
     ``weights`` are required for ``fixed`` and act as the prior (initial weights) for ``pike``,
-    ``balanced_pike``, ``pike_kkt``, ``loss_slope``, ``random`` and ``mix`` (uniform when omitted).
+    ``balanced_pike``, ``pike_kkt``, ``loss_slope``, ``balanced_loss_slope``, ``random`` and ``mix`` (uniform when omitted).
     """
     check_policy(name)
     uniform = np.full(len(domain_names), 1.0 / len(domain_names))
@@ -85,18 +88,17 @@ def plan_policy(
         return PolicyPlan(initial, 'random', adaptive=False)
     if name == 'round_robin':
         return PolicyPlan(uniform, 'round_robin', adaptive=False)
-    if name in ADAPTIVE or name == 'loss_slope':
+    if name in ADAPTIVE:
         return replace(policy_adaptation(name, tau=tau), weights=initial)
     return PolicyPlan(initial, 'mix', adaptive=False)
 
 
 def policy_adaptation(name: str, *, tau: float) -> PolicyPlan:
-    """How an adaptive policy steers the weights (algorithm; PiKE's tau and update rule), with empty
+    """How an adaptive policy steers the weights (algorithm, Balanced tau, PiKE's update rule), with empty
     placeholder weights; ``adaptive=False`` for the static policies."""
     check_policy(name)
-    if name == 'loss_slope':
-        return PolicyPlan(np.empty(0), 'mix', adaptive=True, algorithm='loss_slope')
     if name not in ADAPTIVE:
         return PolicyPlan(np.empty(0), 'mix', adaptive=False)
-    fixed_tau, update = ADAPTIVE[name]
-    return PolicyPlan(np.empty(0), 'mix', adaptive=True, tau=tau if fixed_tau is None else fixed_tau, update=update)
+    algorithm, fixed_tau, update = ADAPTIVE[name]
+    return PolicyPlan(np.empty(0), 'mix', adaptive=True, algorithm=algorithm,
+                      tau=tau if fixed_tau is None else fixed_tau, update=update)

@@ -68,7 +68,7 @@ class PiKEConfig:
 
 
 @dataclass
-class LossSlopeConfig:                   # mixing.policy=loss_slope (composer_pike.LossSlope)
+class LossSlopeConfig:                   # mixing.policy=loss_slope or balanced_loss_slope (composer_pike.LossSlope)
     check_interval: int = 100            # steps per bin and between weight updates
     window: float = 2.0                  # fit over each domain's last window-fold of samples
     step_size: float = 0.5               # nats per check for twice the mixture's elasticity per weight
@@ -81,12 +81,12 @@ class LossSlopeConfig:                   # mixing.policy=loss_slope (composer_pi
 
 @dataclass
 class MixingConfig:
-    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | loss_slope | mix | fixed | temperature | random | round_robin
+    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | loss_slope | balanced_loss_slope | mix | fixed | temperature | random | round_robin
     weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for pike/balanced_pike/mix/random
     preset: Optional[str] = None         # a name in `presets`: its weights become `weights`
     presets: dict[str, Optional[dict[str, float]]] = field(default_factory=dict)  # named weight sets; ??? = unset
     temperature: float = 3.0             # for policy temperature (w ~ n^(1/T))
-    tau: float = 3.0                     # for policy balanced_pike
+    tau: float = 3.0                     # for policies balanced_pike and balanced_loss_slope
     pike: PiKEConfig = field(default_factory=PiKEConfig)
     loss_slope: LossSlopeConfig = field(default_factory=LossSlopeConfig)
 
@@ -245,12 +245,14 @@ def validate(config: DictConfig) -> None:
             named_weights(dict(config.mixing.weights), list(config.mixing.weights))
         except ValueError as error:
             raise ConfigError(f"config key 'mixing.weights': {error}") from None
+    if not config.mixing.tau >= 0:
+        raise ConfigError(f"config key 'mixing.tau': the Balanced temperature must be >= 0, got {config.mixing.tau}")
     try:
         PiKE(**pike_options(config.mixing))
     except ValueError as error:
         raise ConfigError(f"config key 'mixing.pike': {error}") from None
     try:
-        LossSlope(**OmegaConf.to_container(config.mixing.loss_slope))
+        LossSlope(**loss_slope_options(config.mixing))
     except ValueError as error:
         raise ConfigError(f"config key 'mixing.loss_slope': {error}") from None
     parallelism_config(config.trainer.fsdp)
@@ -272,6 +274,11 @@ def pike_options(mixing: DictConfig) -> dict[str, Any]:
     if plan.update and options['update'] not in ('evidence', plan.update):
         raise ValueError(f"mixing.policy={mixing.policy} uses update={plan.update}, got update={options['update']}")
     return {**options, 'tau': plan.tau, 'update': plan.update or options['update']}
+
+
+def loss_slope_options(mixing: DictConfig) -> dict[str, Any]:
+    """The LossSlope constructor's arguments for ``mixing``: ``mixing.loss_slope`` and the policy's tau."""
+    return {**OmegaConf.to_container(mixing.loss_slope), 'tau': policy_adaptation(mixing.policy, tau=mixing.tau).tau}
 
 
 def _resolve_preset(mixing: DictConfig) -> None:
@@ -477,7 +484,7 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
                         tokenizer['pad_token_id'])
     algorithms: list[Any] = []
     if plan.adaptive and plan.algorithm == 'loss_slope':
-        algorithms.append(LossSlope(**OmegaConf.to_container(mixing.loss_slope)))
+        algorithms.append(LossSlope(**loss_slope_options(mixing)))
     elif plan.adaptive:
         algorithms.append(PiKE(**pike_options(mixing)))
     if config.optimizer.clip_norm:

@@ -165,8 +165,9 @@ def test_summary_keys_and_nulls():
     assert summary['pike_compute_to_mix_final'] == pytest.approx(expected)
     assert summary['pike_compute_to_mix_final_ci'] == [pytest.approx(expected), pytest.approx(expected)]
     assert summary['pike_steps_to_mix_final'] == pytest.approx(0.75)
-    for key in ('balanced_worst_vs_mix', 'balanced_avg_vs_mix'):
-        assert key in summary and summary[key] is None             # no balanced_pike_tau3 in these runs
+    for key in ('balanced_worst_vs_mix', 'balanced_avg_vs_mix', 'loss_slope_compute_to_mix_final',
+                'balanced_loss_slope_worst_vs_mix', 'balanced_loss_slope_avg_vs_mix'):
+        assert key in summary and summary[key] is None             # no balanced or loss-slope runs here
     temperature = summary['policies']['temperature']
     assert temperature['compute_to_mix_final'] is None and temperature['compute_to_mix_final_ci'] == [None, None]
     pike = summary['policies']['pike']

@@ -14,8 +14,10 @@ import pytest
 from composer import Callback
 from mds_helpers import write_domain
 
+from composer_pike.loss_slope import LossSlope
 from composer_pike.policies import POLICIES, plan_policy, temperature_weights
-from composer_pike.train import ConfigError, build_loggers, check_machine, load_config, main, train
+from composer_pike.train import (ConfigError, build_loggers, check_machine, load_config, loss_slope_options, main,
+                                 pike_options, train)
 from launch_helpers import free_port
 from test_data import with_private_shm
 
@@ -86,6 +88,7 @@ BAD_OVERRIDES = [
     ('mixing.pike.zeta_ratio=often', 'mixing.pike', "zeta_ratio must be 'auto' or > 0"),
     ('data.download_timeout=0', 'data.download_timeout', 'positive'),
     ('mixing.loss_slope.window=1', 'mixing.loss_slope', 'window must be > 1'),
+    ('mixing.tau=-1', 'mixing.tau', 'must be >= 0'),
 ]
 
 
@@ -166,11 +169,25 @@ def test_policies_resolve_to_loader_settings():
     slope = plan_policy('loss_slope', names, sizes, weights={'a': 1, 'b': 1, 'c': 2})
     assert (slope.adaptive, slope.algorithm, slope.batching) == (True, 'loss_slope', 'mix')
     np.testing.assert_allclose(slope.weights, [0.25, 0.25, 0.5])  # the prior
+    assert slope.tau == 0
+    balanced_slope = plan_policy('balanced_loss_slope', names, sizes, tau=2)
+    assert (balanced_slope.adaptive, balanced_slope.algorithm, balanced_slope.tau) == (True, 'loss_slope', 2)
     assert plan_policy('pike', names, sizes).algorithm == 'pike' and not plan_policy('mix', names, sizes).adaptive
     with pytest.raises(ValueError, match="needs mixing.weights"):
         plan_policy('fixed', names, sizes)
     with pytest.raises(ValueError, match="unknown domains"):
         plan_policy('fixed', names, sizes, weights={'z': 1})
+
+
+@pytest.mark.parametrize('policy, algorithm_options, tau', [
+    ('pike', pike_options, 0.0), ('balanced_pike', pike_options, 2.0),
+    ('loss_slope', loss_slope_options, 0.0), ('balanced_loss_slope', loss_slope_options, 2.0)])
+def test_balanced_policies_hand_mixing_tau_to_their_algorithm(policy, algorithm_options, tau):
+    config = load_config(DEMO_YAML, [f'mixing.policy={policy}', 'mixing.tau=2', 'mixing.loss_slope.window=3'])
+    options = algorithm_options(config.mixing)
+    assert options['tau'] == tau
+    if algorithm_options is loss_slope_options:  # the policy's tau joins mixing.loss_slope's own keys
+        assert options['window'] == 3 and LossSlope(**options).tau == tau
 
 
 # ------------------------------------------------------------------------------------- runs
