@@ -145,7 +145,7 @@ def instrument_pike(stopwatch: Stopwatch) -> None:
     """Time PiKE's parts: the probe (sample reads, accumulator; the rest is forward/backward) and the update."""
     from composer.models import HuggingFaceModel
 
-    from composer_pike.algorithm import PiKE
+    from composer_pike.algorithms import PiKE
     from composer_pike.data import MixtureDataset
     from composer_pike.stats import GradientStatsAccumulator
 
@@ -182,7 +182,7 @@ def build_trainer(args: argparse.Namespace, policy: str, callbacks: list) -> Any
     from composer.algorithms import GradientClipping
     from composer.optim import DecoupledAdamW
 
-    from composer_pike.algorithm import PiKE
+    from composer_pike.algorithms import PiKE
     from composer_pike.data import MixtureDataset, build_mixture_dataloader, read_manifest, sources_from_manifest
     from composer_pike.train import build_model, load_config
 

@@ -212,8 +212,8 @@ def validate(config: DictConfig) -> None:
     import composer.loggers
     from composer.core import Precision, Time
 
-    from composer_pike.algorithm import UPDATES, PiKE
-    from composer_pike.loss_slope import LossSlope
+    from composer_pike.algorithms import LossSlope, PiKE
+    from composer_pike.algorithms.pike import UPDATES
 
     try:
         check_policy(config.mixing.policy)
@@ -447,9 +447,8 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
     from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
     from composer.utils import dist, get_device, reproducibility
 
-    from composer_pike.algorithm import PiKE
+    from composer_pike.algorithms import LossSlope, PiKE
     from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor, RestoreRngState
-    from composer_pike.loss_slope import LossSlope
     from composer_pike.data import MixtureDataset, build_mixture_dataloader, read_manifest, sources_from_manifest
     from composer_pike.policies import plan_policy
 

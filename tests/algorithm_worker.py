@@ -27,7 +27,7 @@ from composer.models import HuggingFaceModel
 from composer.utils import dist, reproducibility
 from torch.utils.data.distributed import DistributedSampler
 
-from composer_pike.algorithm import PiKE
+from composer_pike.algorithms import PiKE
 from composer_pike.data import DomainSource, MixtureDataset, build_mixture_dataloader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

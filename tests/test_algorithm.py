@@ -26,8 +26,8 @@ import torch
 from composer import Callback, Event, Trainer
 from composer.loggers import InMemoryLogger
 
-import composer_pike.algorithm as algorithm_module
-from composer_pike.algorithm import PiKE
+import composer_pike.algorithms.pike as algorithm_module
+from composer_pike.algorithms import PiKE
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.planner import validate_weights
 from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
@@ -576,9 +576,9 @@ PAPER = dict(update='paper', zeta1=0.5, zeta2=0.5)
 
 @pytest.mark.parametrize('rule', [{}, PAPER], ids=['evidence', 'paper'])
 def test_non_finite_statistics_skip_the_update(dataset, caplog, rule):
-    with caplog.at_level(logging.WARNING, logger='composer_pike.algorithm'):
+    with caplog.at_level(logging.WARNING, logger='composer_pike.algorithms.pike'):
         run = fit(dataset, model=nan_model(), algorithms=[make_pike(check_interval=2, **rule)], max_duration='4ba')
-    messages = [r.getMessage() for r in caplog.records if r.name == 'composer_pike.algorithm']
+    messages = [r.getMessage() for r in caplog.records if r.name == 'composer_pike.algorithms.pike']
     assert len([m for m in messages if 'skipping' in m]) == 2, messages
     assert any("non-finite statistics or probe loss for ['d1']" in m for m in messages), messages
     assert 'pike/effective_step' not in run.series  # nothing scheduled
@@ -593,7 +593,7 @@ def test_non_finite_statistics_skip_the_update(dataset, caplog, rule):
 
 
 def test_non_finite_probe_loss_with_balanced_pike_skips(dataset, caplog):
-    with caplog.at_level(logging.WARNING, logger='composer_pike.algorithm'):
+    with caplog.at_level(logging.WARNING, logger='composer_pike.algorithms.pike'):
         run = fit(dataset, model=nan_model(), max_duration='2ba', algorithms=[make_pike(check_interval=2, tau=3.0)])
     assert run.values('pike/skipped') == [1.0]
     assert any('non-finite' in r.getMessage() for r in caplog.records), caplog.text
@@ -665,7 +665,7 @@ def test_balanced_pike_differs_from_plain_and_matches_the_math(dataset, referenc
     for kind in ('grad_sq_norm', 'variance', 'probe_loss'):
         np.testing.assert_array_equal(tilted[kind], plain_stats[kind])  # same statistics ...
     assert np.abs(tilted['weight'] - plain_stats['weight']).max() > 1e-3  # ... different weights
-    # Both runs are exactly one PiKE step of weights.py on the logged statistics from uniform weights.
+    # Both runs are exactly one PiKE step of composer_pike.weights on the logged statistics from uniform weights.
     uniform = np.log(np.full(len(NAMES), 1 / len(NAMES)))
     for stats, tau in ((plain_stats, 0.0), (tilted, 3.0)):
         loss_weights = balanced_coefficients(stats['probe_loss'], tau) if tau > 0 else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from composer_pike.algorithm import PiKE
+from composer_pike.algorithms import PiKE
 from composer_pike.stats import PooledStatistics, estimate_from_sums
 from composer_pike.weights import apply_scores, auto_zeta_ratio, default_min_weight, evidence_scores, pike_update
 

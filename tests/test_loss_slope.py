@@ -1,10 +1,10 @@
-"""Loss-slope mixing: the elasticity fit (stats.loss_trend), its target weights (weights.py), simulated
+"""Loss-slope mixing: the elasticity fit (stats.loss_trend), its target weights (weights.elasticity), simulated
 known answers in closed loop, and the per-sample loss the algorithm reads off the logits."""
 import numpy as np
 import pytest
 import torch
 
-from composer_pike.loss_slope import LossSlope, per_sample_losses
+from composer_pike.algorithms.loss_slope import LossSlope, per_sample_losses
 from composer_pike.stats import LossTrend, mean_log_samples
 from composer_pike.weights import apply_scores, balanced_coefficients, default_min_weight, elasticity_scores
 

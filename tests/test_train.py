@@ -14,7 +14,7 @@ import pytest
 from composer import Callback
 from mds_helpers import write_domain
 
-from composer_pike.loss_slope import LossSlope
+from composer_pike.algorithms import LossSlope
 from composer_pike.policies import POLICIES, plan_policy, temperature_weights
 from composer_pike.train import (ConfigError, build_loggers, check_machine, load_config, loss_slope_options, main,
                                  pike_options, train)

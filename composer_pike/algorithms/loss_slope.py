@@ -25,7 +25,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_pike.algorithm import check_step_options, find_mixture, weight_cap, weight_floor
+from composer_pike.algorithms.common import check_step_options, find_mixture, weight_cap, weight_floor
 from composer_pike.data import MixtureDataset
 from composer_pike.stats import LossTrend
 from composer_pike.weights import apply_scores, balanced_coefficients, elasticity_scores
@@ -136,7 +136,7 @@ class LossSlope(Algorithm):
     # ---- steps -------------------------------------------------------------------------------
 
     def _attach(self, state: State) -> None:
-        self.mixture = find_mixture(state)
+        self.mixture = find_mixture(state, 'loss-slope mixing')
         if self.mixture.num_domains < 2:
             log.warning('loss-slope mixing has nothing to mix: the loader has one domain (%s)',
                         self.mixture.domain_names[0])
