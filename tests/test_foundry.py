@@ -161,3 +161,6 @@ def test_remote_streams_are_cached_into_local_as_llm_foundry_does(tmp_path, s3_s
     batch = next(iter(spec.dataloader))
     assert batch['domain'].tolist() == [0, 0, 0, 1]
     assert (tmp_path / 'cache' / 'web' / 'train' / 'index.json').is_file()
+    # The loader has queued downloads of the shards the next steps need; let them finish while the
+    # S3 server and its credentials are still up (left queued, they run at interpreter exit, after both).
+    spec.dataloader.dataset.sampler.prefetcher.wait()
