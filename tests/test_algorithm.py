@@ -27,7 +27,7 @@ from composer import Callback, Event, Trainer
 from composer.loggers import InMemoryLogger
 
 import composer_pike.algorithms.pike as algorithm_module
-from composer_pike.algorithms import PiKE
+from composer_pike.algorithms import LossSlope, PiKE
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.planner import validate_weights
 from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
@@ -536,14 +536,15 @@ def test_single_domain_warns_and_does_nothing(tmp_path):
     assert all(d == 0 for rows in run.recorder.rows.values() for d, _ in rows)
 
 
-def test_plain_dataloader_is_a_clear_type_error():
+@pytest.mark.parametrize('make_algorithm, name', [(make_pike, 'PiKE'), (LossSlope, 'loss-slope mixing')])
+def test_plain_dataloader_is_a_clear_type_error(make_algorithm, name):
     tokens = torch.randint(0, worker.VOCAB_SIZE, (16, worker.SEQ_LEN))
     samples = [{'input_ids': t, 'labels': t} for t in tokens]
     loader = torch.utils.data.DataLoader(samples, batch_size=4)
     model = build_model()
-    trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ba', algorithms=[make_pike()],
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ba', algorithms=[make_algorithm()],
                       device='cpu', progress_bar=False)
-    with pytest.raises(TypeError, match='build_mixture_dataloader'):
+    with pytest.raises(TypeError, match=f'^{name} needs the train dataloader from .*build_mixture_dataloader'):
         trainer.fit()
     trainer.close()
 
