@@ -339,6 +339,21 @@ def test_loss_slope_trains_and_resumes_exactly(tmp_path):
     check_resumed_run(full, interrupted, run(tmp_path, 'second', *LOSS_SLOPE, *options), prefix='loss_slope')
 
 
+def test_balanced_loss_slope_tilts_by_its_logged_loss_weights(tmp_path):
+    """mixing.policy=balanced_loss_slope hands mixing.tau to LossSlope: every check logs loss weights
+    K softmax(tau L) of the logged training losses, and the weights move differently from plain
+    loss-slope mixing's on the same data."""
+    _, _, tilted = run(tmp_path / 'tilted', 'tilted', *LOSS_SLOPE, 'mixing.policy=balanced_loss_slope', 'mixing.tau=2')
+    _, _, plain = run(tmp_path / 'plain', 'plain', *LOSS_SLOPE)
+    losses = np.array([[v for _, v in tilted[f'loss_slope/train_loss/{d}']] for d in DOMAINS])
+    loss_weights = np.array([[v for _, v in tilted[f'loss_slope/loss_weight/{d}']] for d in DOMAINS])
+    softmax = np.exp(2 * (losses - losses.max(axis=0)))
+    np.testing.assert_allclose(loss_weights, len(DOMAINS) * softmax / softmax.sum(axis=0), rtol=1e-6)
+    assert not any(key.startswith('loss_slope/loss_weight/') for key in plain)
+    final = [tilted[f'loss_slope/weight/{d}'][-1][1] - plain[f'loss_slope/weight/{d}'][-1][1] for d in DOMAINS]
+    assert np.abs(final).max() > 1e-3
+
+
 def test_loss_slope_checkpoint_between_checks_keeps_the_open_interval(tmp_path):
     """Bins of 3 steps, checkpoint after step 4: the bin of steps 4-6 holds step 4's samples after the
     resume too (its mean training loss matches the uninterrupted run's)."""

@@ -201,6 +201,8 @@ class LossSlope(Algorithm):
             metrics[f'loss_slope/train_loss/{name}'] = float(latest[k])
             metrics[f'loss_slope/bins/{name}'] = float(bins[k])
             metrics[f'loss_slope/samples/{name}'] = float(seen[k])
+            if coefficients is not None:
+                metrics[f'loss_slope/loss_weight/{name}'] = float(coefficients[k])
             if np.isfinite(elasticities[k]):
                 metrics[f'loss_slope/elasticity/{name}'] = float(elasticities[k])
                 metrics[f'loss_slope/elasticity_se/{name}'] = float(errors[k])
