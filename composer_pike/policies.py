@@ -73,8 +73,8 @@ def plan_policy(
 ) -> PolicyPlan:
     """Resolve a policy name to loader settings.
 
-    ``weights`` are required for ``fixed`` and act as the prior (initial weights) for ``pike``,
-    ``balanced_pike``, ``pike_kkt``, ``loss_slope``, ``balanced_loss_slope``, ``random`` and ``mix`` (uniform when omitted).
+    ``weights`` are required for ``fixed`` and act as the prior (initial weights) for the adaptive
+    policies (``ADAPTIVE``), ``random`` and ``mix`` (uniform when omitted).
     """
     check_policy(name)
     uniform = np.full(len(domain_names), 1.0 / len(domain_names))

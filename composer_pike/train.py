@@ -81,8 +81,9 @@ class LossSlopeConfig:                   # mixing.policy=loss_slope or balanced_
 
 @dataclass
 class MixingConfig:
-    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | loss_slope | balanced_loss_slope | mix | fixed | temperature | random | round_robin
-    weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for pike/balanced_pike/mix/random
+    policy: str = 'pike'                 # pike | balanced_pike | pike_kkt | loss_slope | balanced_loss_slope
+                                         # | mix | fixed | temperature | random | round_robin
+    weights: Optional[dict[str, float]] = None  # fixed weights, or the prior for the adaptive policies, mix, random
     preset: Optional[str] = None         # a name in `presets`: its weights become `weights`
     presets: dict[str, Optional[dict[str, float]]] = field(default_factory=dict)  # named weight sets; ??? = unset
     temperature: float = 3.0             # for policy temperature (w ~ n^(1/T))
