@@ -746,6 +746,38 @@ def test_s3_shards_of_upcoming_steps_are_prefetched_before_they_are_read(data_di
     batches.close()
 
 
+def test_s3_prefetches_still_queued_when_the_loader_stops_reading_are_dropped(s3_remotes, tmp_path):
+    """A run that ends (its iterator is dropped) leaves no queued shard downloads to run at
+    interpreter exit; a later pass over the loader asks for the same shards again."""
+    cache = tmp_path / 'cache'
+    dataset = remote_mixture(s3_remotes, cache)
+    build(dataset, num_workers=0, shuffle=False, prefetch_steps=6)
+    prefetcher = dataset.sampler.prefetcher
+    release = threading.Event()
+    # Every download thread waits on `release`, so the prefetches planned below stay queued.
+    blockers = [prefetcher.pool.submit(release.wait) for _ in range(prefetcher.pool._max_workers)]
+    try:
+        plans = iter(dataset.sampler)
+        next(plans)
+        queued = set(prefetcher.requested)
+        assert queued, 'planning a step requested no shard'
+        plans.close()  # what a Trainer leaving its loop does to the loader's iterator
+        assert prefetcher.requested == set(), 'queued downloads survived the end of the pass'
+    finally:
+        release.set()
+    for blocker in blockers:
+        blocker.result()
+    prefetcher.wait()
+    assert not [name for k in range(len(SIZES)) for name in os.listdir(cache / f'd{k}') if name.startswith('shard.')]
+
+    plans = iter(dataset.sampler)  # the same step, planned again: the same shards, downloaded this time
+    next(plans)
+    assert prefetcher.requested == queued
+    prefetcher.wait()
+    assert any(name.startswith('shard.') for name in os.listdir(cache / 'd0'))
+    plans.close()
+
+
 def test_s3_manifest_streams_every_domain_into_the_cache_root(s3_server, tmp_path):
     root = tmp_path / 'prep'
     write_prep_tree(root)

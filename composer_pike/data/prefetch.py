@@ -20,7 +20,9 @@ class ShardPrefetcher:
     per-step cost is one vectorized comparison over K. Prefetching only saves time: a shard that
     fails to download or verify here is logged, kept in ``failed`` (shard id -> error) and handed
     back to the readers (:meth:`MixtureDataset.release_failed_prefetch`), which end the run when,
-    and only when, they need it and cannot read it either.
+    and only when, they need it and cannot read it either. When the loader stops reading (the run
+    ended, or its iterator was dropped), :meth:`cancel_queued` drops the downloads no thread has
+    started, so they do not run at interpreter exit.
     """
 
     def __init__(self, dataset: MixtureDataset, horizon_steps: int, threads: int = 4) -> None:
@@ -34,7 +36,7 @@ class ShardPrefetcher:
         self.sample_offsets = dataset.streaming.sample_offset_per_stream
         self.shard_starts = dataset.streaming.sample_offset_per_shard  # first dataset sample id of every shard
         self.failed: dict[int, str] = {}
-        self._in_flight: list[Future] = []
+        self._in_flight: dict[int, Future] = {}  # dataset shard id -> its download
 
     def after_plan(self, planner: MixturePlanner, counts: np.ndarray) -> None:
         if self.pool is None:
@@ -43,18 +45,31 @@ class ShardPrefetcher:
         ahead = position + counts * self.horizon_steps
         stale = np.flatnonzero(self.remote & (ahead > self.requested_until))
         if stale.size:
-            self._in_flight = [f for f in self._in_flight if not f.done()]
+            self._in_flight = {shard: f for shard, f in self._in_flight.items() if not f.done()}
         for k in stale:
             ids = self.sample_offsets[k] + planner.upcoming_samples(k, int(counts[k]) * self.horizon_steps + 1)
             for shard in np.unique(np.searchsorted(self.shard_starts, ids, side='right') - 1).tolist():
                 if shard not in self.requested:
                     self.requested.add(shard)
-                    self._in_flight.append(self.pool.submit(self._prepare, shard))
+                    self._in_flight[shard] = self.pool.submit(self._prepare, shard)
             self.requested_until[k] = ahead[k]
 
     def wait(self) -> None:
         """Block until every download requested so far has finished or failed."""
-        futures_wait(self._in_flight)
+        futures_wait(list(self._in_flight.values()))
+
+    def cancel_queued(self) -> list[int]:
+        """Drop the downloads no thread has started yet; return their shard ids.
+
+        Downloads already running finish. The cancelled shards are forgotten, and so is how far
+        their domains were requested, so a later pass over the loader asks for them again.
+        """
+        cancelled = [shard for shard, future in self._in_flight.items() if future.cancel()]
+        for shard in cancelled:
+            del self._in_flight[shard]
+            self.requested.discard(shard)
+        self.requested_until[self.dataset.streaming.stream_per_shard[cancelled]] = 0
+        return cancelled
 
     def _prepare(self, shard: int) -> None:
         """Start downloading ``shard``; never wait on a download someone else is doing."""

@@ -41,14 +41,21 @@ class MixtureBatchSampler(DistributedSampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         self._rewind()
         epoch_end = (self.consumed // self.steps_per_epoch + 1) * self.steps_per_epoch
-        while self.planner.step < epoch_end:
-            self._snapshots[self.planner.step] = self.planner.state_dict(include_schedule=False)
-            batch = self.planner.plan_next()
-            if batch is None:
-                return
+        try:
+            while self.planner.step < epoch_end:
+                self._snapshots[self.planner.step] = self.planner.state_dict(include_schedule=False)
+                batch = self.planner.plan_next()
+                if batch is None:
+                    return
+                if self.prefetcher is not None:
+                    counts = np.bincount(batch.domains, minlength=self.planner.num_domains)
+                    self.prefetcher.after_plan(self.planner, counts)
+                yield self._rank_items(batch)
+        finally:
+            # The loader stopped reading (end of pass, end of run, or an abandoned iterator): shards
+            # queued for steps that may never come are dropped, and the next pass asks again.
             if self.prefetcher is not None:
-                self.prefetcher.after_plan(self.planner, np.bincount(batch.domains, minlength=self.planner.num_domains))
-            yield self._rank_items(batch)
+                self.prefetcher.cancel_queued()
 
     def _rank_items(self, batch: PlannedBatch) -> list[tuple[int, int]]:
         domains, indices = batch.rank_slice(self.rank, self.world_size)
