@@ -27,7 +27,9 @@ from composer import Callback, Event, Trainer
 from composer.loggers import InMemoryLogger
 
 import composer_pike.algorithms.pike as algorithm_module
+import composer_pike.algorithms.probe as probe_module
 from composer_pike.algorithms import LossSlope, PiKE
+from composer_pike.algorithms.conflicts import conflict_report
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.planner import validate_weights
 from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
@@ -332,7 +334,7 @@ def test_bf16_autocast_probe_gives_finite_statistics(dataset, reference, monkeyp
 
     import composer.trainer.trainer as trainer_module
     monkeypatch.setattr(trainer_module, 'get_precision_context', bf16_context)
-    monkeypatch.setattr(algorithm_module, 'get_precision_context', bf16_context)
+    monkeypatch.setattr(probe_module, 'get_precision_context', bf16_context)
     sizes = ForwardSizes()
     model = build_model()
     sizes.attach(model)
@@ -676,3 +678,24 @@ def test_balanced_pike_differs_from_plain_and_matches_the_math(dataset, referenc
     # The tilt favours the domain with the highest probe loss relative to plain PiKE.
     worst = int(np.argmax(plain_stats['probe_loss']))
     assert tilted['weight'][worst] / plain_stats['weight'][worst] == max(tilted['weight'] / plain_stats['weight'])
+
+
+def test_conflicts_are_reported_only_when_the_interval_lies_below_the_threshold():
+    names = ['a', 'b', 'c', 'd']
+    nan = math.nan
+    cosines = np.array([[1.0, -0.6, -0.6, nan],
+                        [-0.6, 1.0, 0.3, nan],
+                        [-0.6, 0.3, 1.0, nan],
+                        [nan, nan, nan, 1.0]])
+    se = np.array([[0.0, 0.1, 0.3, nan],  # a-b: -0.6 + 1.96 * 0.1 < -0.2; a-c: the interval reaches -0.01
+                   [0.1, 0.0, 0.05, nan],
+                   [0.3, 0.05, 0.0, nan],
+                   [nan, nan, nan, 0.0]])
+    metrics, conflicts = conflict_report(names, cosines, se, threshold=-0.2)
+    assert conflicts == ["gradients of 'a' and 'b' conflict (cosine -0.600 +- 0.196, 95% interval below -0.200)"]
+    assert metrics['pike/cosine/a/c'] == -0.6 and metrics['pike/cosine_se/a/c'] == 0.3
+    assert math.isnan(metrics['pike/cosine/a/d'])  # logged, never reported, not the minimum
+    assert metrics['pike/min_cosine'] == -0.6
+    assert len([k for k in metrics if k.startswith('pike/cosine/')]) == 6
+    _, none = conflict_report(names, cosines, se, threshold=-0.7)
+    assert none == []

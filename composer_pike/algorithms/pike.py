@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from typing import Any
 
 import numpy as np
-import torch
 from composer.core import Algorithm, Event, State
-from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
-from torch.nn.parallel import DistributedDataParallel
 
 from composer_pike.algorithms.common import check_step_options, find_mixture, weight_cap, weight_floor
+from composer_pike.algorithms.conflicts import conflict_report
+from composer_pike.algorithms.probe import probe_gradients
 from composer_pike.data import MixtureDataset
 from composer_pike.stats import (
     GradientStatistics,
-    GradientStatsAccumulator,
     PooledStatistics,
     cosine_intervals,
-    gradient_layout,
-    gradient_sum_factor,
 )
 from composer_pike.weights import (
     PikeStep,
@@ -50,7 +45,6 @@ from composer_pike.weights import (
 log = logging.getLogger(__name__)
 UPDATES = ('evidence', 'paper', 'kkt')  # how the weights follow the statistics
 MAX_DOMAINS_PER_CHECK = 8  # default probe budget: larger mixtures are probed in rotation
-CONFLICT_Z = 1.96  # a conflict warning needs the cosine's 95% interval below the threshold
 
 
 class PiKE(Algorithm):
@@ -275,54 +269,14 @@ class PiKE(Algorithm):
         return np.sort(active[order[:budget]])
 
     def _probe(self, state: State) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
-        """Run the probe without consuming the global RNG (dropout), so training is unchanged."""
-        device = state.device._device
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=devices):
-            return self._probe_passes(state, self.domains_to_probe())
-
-    def _probe_passes(self, state: State, domains: np.ndarray) -> tuple[GradientStatistics, np.ndarray, np.ndarray]:
-        """Chunk forward/backward passes for ``domains``; returns statistics, the domains and probe losses."""
-        mixture = self.mixture
-        assert mixture is not None
-        model = state.model
-        loss_owner = model.module if isinstance(model, DistributedDataParallel) else model
-        rank, world_size = dist.get_global_rank(), dist.get_world_size()
-        chunk_size = self.estimation_batch_size // self.num_chunks
-        rank_chunk = chunk_size // world_size
-        micro = self.probe_microbatch_size or _device_microbatch(state) or rank_chunk
-        loss_scale = 1.0 / gradient_sum_factor(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        accumulator = GradientStatsAccumulator(
-            params, len(domains), chunk_size=chunk_size, conflict_sketch_size=self.conflict_sketch_size,
-            seed=int(state.timestamp.batch), layout=gradient_layout(model))
-        loss_sums = torch.zeros(len(domains), dtype=torch.float64)
-        for slot, domain in enumerate(domains):
-            batch = mixture.probe_batch(int(domain), self.estimation_batch_size, self.num_chunks, rank, world_size)
-            batch = state.device.batch_to_device(batch)
-            accumulator.begin_domain(slot)
-            for start in range(0, self.estimation_batch_size // world_size, rank_chunk):
-                model.zero_grad(set_to_none=True)
-                for micro_start in range(start, start + rank_chunk, micro):
-                    rows = {key: value[micro_start:min(micro_start + micro, start + rank_chunk)]
-                            for key, value in batch.items()}
-                    with get_precision_context(state.precision, state.precision_config):
-                        outputs = model(rows)
-                        loss = loss_owner.loss(outputs, rows)
-                    share = len(rows['input_ids']) / rank_chunk
-                    (loss * share * loss_scale).backward()
-                    loss_sums[slot] += float(loss.detach()) * share
-                accumulator.add_chunk()
-            accumulator.end_domain()
-        model.zero_grad(set_to_none=True)
-        statistics = accumulator.finalize()
-        probe_losses = loss_sums / self.num_chunks
-        if world_size > 1:
-            probe_losses = probe_losses.to(state.device._device)
-            dist.all_reduce(probe_losses)
-            probe_losses = probe_losses.cpu() / world_size
-        return statistics, domains, probe_losses.numpy()
+        """Probe the domains due this check; returns their statistics, the domains and their probe losses."""
+        assert self.mixture is not None
+        domains = self.domains_to_probe()
+        statistics, probe_losses = probe_gradients(
+            state, self.mixture, domains, estimation_batch_size=self.estimation_batch_size,
+            num_chunks=self.num_chunks, conflict_sketch_size=self.conflict_sketch_size,
+            microbatch_size=self.probe_microbatch_size)
+        return statistics, domains, probe_losses
 
     def _update(self, state: State, logger: Logger) -> None:
         """Pool the pending probe, take one update step, schedule the weights and log everything."""
@@ -486,25 +440,8 @@ class PiKE(Algorithm):
             statistics.inner_products.numpy(), statistics.inner_product_sketch_var.numpy(),
             pooled.grad_sq_norms[probed], pooled.grad_sq_var[probed], pooled.per_sample_variances[probed],
             pooled.noise_shape[probed], num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size)
-        metrics: dict[str, float] = {}
-        lowest = math.inf
-        for i in range(len(probed)):
-            for j in range(i + 1, len(probed)):
-                a, b = mixture.domain_names[probed[i]], mixture.domain_names[probed[j]]
-                metrics[f'pike/cosine/{a}/{b}'] = float(cosines[i, j])
-                metrics[f'pike/cosine_se/{a}/{b}'] = float(se[i, j])
-                if np.isfinite(cosines[i, j]):
-                    lowest = min(lowest, float(cosines[i, j]))
-                upper = cosines[i, j] + CONFLICT_Z * se[i, j]
-                if upper < self.conflict_threshold:
-                    log.warning("PiKE: gradients of '%s' and '%s' conflict (cosine %.3f +- %.3f, 95%% interval "
-                                'below %.3f); PiKE assumes low conflict', a, b, cosines[i, j], CONFLICT_Z * se[i, j],
-                                self.conflict_threshold)
-        if math.isfinite(lowest):
-            metrics['pike/min_cosine'] = lowest
+        metrics, conflicts = conflict_report([mixture.domain_names[k] for k in probed], cosines, se,
+                                             self.conflict_threshold)
+        for message in conflicts:
+            log.warning('PiKE: %s; PiKE assumes low conflict', message)
         return metrics
-
-
-def _device_microbatch(state: State) -> int | None:
-    size = getattr(state, 'device_train_microbatch_size', None)
-    return size if isinstance(size, int) and size > 0 else None
