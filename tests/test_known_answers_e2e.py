@@ -24,14 +24,13 @@ import json
 import random
 import shutil
 import string
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+import prep_helpers
 from test_known_answers import DUPLICATE_BOUND, NULL_BOUND, log_spread
 
 from composer_pike.demo import read_metrics, run_training
@@ -93,18 +92,8 @@ def random_characters(total_bytes: int, seed: int) -> list[str]:
 
 
 def pike_prep(inputs: dict[str, str], out: Path) -> dict:
-    """The pike-prep CLI with the byte tokenizer and the demo's seq_len; returns the manifest."""
-    command = [sys.executable, '-m', 'streaming_prep', '--out', str(out), '--tokenizer', 'byte',
-               '--seq-len', str(SEQ_LEN), '--val-fraction', str(VAL_FRACTION), '--seed', '0']
-    for name, path in inputs.items():
-        command += ['--domain', f'{name}={path}']
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    print(done.stdout, end='')
-    manifest = json.loads((out / 'manifest.json').read_text())
-    for name, info in manifest['domains'].items():
-        assert all(split['samples'] > 0 for split in info['splits'].values()), (name, info['splits'])
-    return manifest
+    """pike-prep with the demo's seq_len and this file's validation fraction; returns the manifest."""
+    return prep_helpers.pike_prep(inputs, out, seq_len=SEQ_LEN, val_fraction=VAL_FRACTION)
 
 
 @pytest.fixture(scope='module')

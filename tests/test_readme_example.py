@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from prep_helpers import pike_prep
 from streaming_prep.demo import _stdlib_sources
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,18 +40,15 @@ def readme_example() -> str:
 def manifest(tmp_path_factory) -> Path:
     """Three domains of standard-library modules (by package), prepared with the pike-prep CLI."""
     root = tmp_path_factory.mktemp('readme')
-    command = [sys.executable, '-m', 'streaming_prep', '--out', str(root / 'data'), '--tokenizer', 'byte',
-               '--seq-len', '64', '--seed', '0']
     sources = list(_stdlib_sources())
+    inputs = {}
     for name, prefixes in DOMAINS.items():
-        path = root / f'{name}.jsonl'
-        with path.open('w') as out:
+        inputs[name] = str(root / f'{name}.jsonl')
+        with open(inputs[name], 'w') as out:
             for source, text in sources:
                 if source.startswith(prefixes) and text.strip():
                     out.write(json.dumps({'text': text}) + '\n')
-        command += ['--domain', f'{name}={path}']
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    pike_prep(inputs, root / 'data', seq_len=64)
     return root / 'data'
 
 

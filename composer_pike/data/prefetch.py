@@ -58,8 +58,8 @@ class ShardPrefetcher:
         """Block until every download requested so far has finished or failed."""
         futures_wait(list(self._in_flight.values()))
 
-    def cancel_queued(self) -> list[int]:
-        """Drop the downloads no thread has started yet; return their shard ids.
+    def cancel_queued(self) -> None:
+        """Drop the downloads no thread has started yet.
 
         Downloads already running finish. The cancelled shards are forgotten, and so is how far
         their domains were requested, so a later pass over the loader asks for them again.
@@ -69,7 +69,6 @@ class ShardPrefetcher:
             del self._in_flight[shard]
             self.requested.discard(shard)
         self.requested_until[self.dataset.streaming.stream_per_shard[cancelled]] = 0
-        return cancelled
 
     def _prepare(self, shard: int) -> None:
         """Start downloading ``shard``; never wait on a download someone else is doing."""
