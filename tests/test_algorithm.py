@@ -518,6 +518,8 @@ def test_mixture_loader_is_accepted_by_composer_with_two_ranks(dataset, monkeypa
     (dict(smoothness=-1.0), 'smoothness'),
     (dict(pool_decay=1.0), 'pool_decay'),
     (dict(domains_per_check=0), 'domains_per_check'),
+    (dict(alignment=True, update='kkt'), "alignment=True is an option of update='evidence'"),
+    (dict(alignment=True, conflict_sketch_size=0), 'alignment=True needs the gradient sketch'),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -628,6 +630,28 @@ def test_evidence_updates_follow_the_logged_statistics(dataset):
     # The weights are Algorithm 1's direction: above the mixture's score means more weight.
     at = logged(run, ('advantage', 'score'), 0)
     assert np.all(np.sign(at['score']) * np.sign(at['advantage']) >= 0)
+
+
+def test_alignment_terms_come_from_the_pooled_inner_products(dataset, reference):
+    """alignment=True: each check logs the pooled inner products of every pair and, per domain,
+    alignment_terms of them; the probe is the same as without (same G's), the advantages differ."""
+    from composer_pike.weights import alignment_terms
+
+    run = fit(dataset, algorithms=[make_pike(check_interval=1, alignment=True)], max_duration='2ba')
+    np.testing.assert_allclose(logged(run, ('grad_sq_norm',), 0)['grad_sq_norm'],
+                               reference.stats_at_first_check()['grad_sq_norm'], rtol=1e-9)
+    for check in range(2):
+        inner, inner_var = np.zeros((len(NAMES),) * 2), np.zeros((len(NAMES),) * 2)
+        for j, a in enumerate(NAMES):
+            for k in range(j + 1, len(NAMES)):
+                inner[j, k] = inner[k, j] = run.series[f'pike/pooled/inner_product/{a}/{NAMES[k]}'][check][1]
+                se = run.series[f'pike/pooled/inner_product_se/{a}/{NAMES[k]}'][check][1]
+                inner_var[j, k] = inner_var[k, j] = se**2
+        terms, terms_var = alignment_terms(inner, inner_var, np.ones(len(NAMES)), np.ones(len(NAMES), dtype=bool))
+        at = logged(run, ('alignment', 'alignment_se'), check)
+        np.testing.assert_allclose(at['alignment'], terms, rtol=1e-9)
+        np.testing.assert_allclose(at['alignment_se'], np.sqrt(terms_var), rtol=1e-9)
+    assert not np.allclose(logged(run, ('advantage',), 0)['advantage'], logged(reference, ('advantage',), 0)['advantage'])
 
 
 def test_paper_mode_is_algorithm_1_on_pooled_statistics(dataset):

@@ -272,8 +272,8 @@ def test_conflict_monitor_is_consistent_under_noise(synthetic_runs):
 
 
 def test_conflict_sketch_is_unbiased():
-    """Noise-free gradients make G exact, so the cosines isolate the strided sketch
-    (about 6 of 20 coordinates, stride 4, random offset per seed)."""
+    """Noise-free gradients make G exact, so the cosines isolate the sketch (20 coordinates folded into
+    2 x 3 buckets, fresh signs per seed)."""
     noise_free = [0.0, 0.0, 0.0]
     runs = run_synthetic(noise_free, repetitions=200, conflict_sketch_size=6)
     truth = true_synthetic_values(noise_free)
@@ -281,6 +281,32 @@ def test_conflict_sketch_is_unbiased():
     cosines = off_diagonal(runs["cosines"])
     assert torch.all(cosines.std(0) > 0.1)  # the sketch really subsamples
     assert_within_standard_errors(cosines, off_diagonal(truth["cosines"]))
+
+
+def test_count_sketch_intervals_cover_heavy_tailed_gradients():
+    """Noise-free gradients (G exact) with Student-t(2) coordinates (a few carry much of the energy),
+    20000 of them folded into 2 x 251 buckets: the sketched inner product is unbiased and its +-1.96
+    interval, from the two replicates' per-bucket differences, covers the truth at about its nominal
+    rate. With at most m coordinates the sketch is exact."""
+    rng = np.random.default_rng(8)
+    shared = rng.standard_t(2, size=20000)
+    first, second = shared + rng.standard_t(2, size=20000), 0.5 * shared + rng.standard_t(2, size=20000)
+    params = [torch.zeros(20000, dtype=torch.float64)]
+    grads = [[[torch.from_numpy(vector)]] * 2 for vector in (first, second)]
+    truth = float(first @ second)
+    estimates, covered = [], []
+    for seed in range(300):
+        stats = run_accumulator(params, grads, chunk_size=1, conflict_sketch_size=512, seed=seed)
+        estimate, sketch_se = float(stats.inner_products[0, 1]), float(stats.inner_product_sketch_var[0, 1]) ** 0.5
+        estimates.append(estimate)
+        covered.append(abs(estimate - truth) <= 1.96 * sketch_se)
+    estimates = np.array(estimates)
+    assert abs(estimates.mean() - truth) <= 3 * estimates.std() / np.sqrt(estimates.size)
+    assert estimates.std() > 0.05 * abs(truth)  # the sketch really folds
+    assert 0.88 <= np.mean(covered) <= 0.99, np.mean(covered)
+    full = run_accumulator(params, grads, chunk_size=1, conflict_sketch_size=20000)
+    assert float(full.inner_products[0, 1]) == pytest.approx(truth, rel=1e-12)
+    assert float(full.inner_product_sketch_var[0, 1]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,6 +648,32 @@ def test_pooling_weights_probes_and_counts_effective_samples():
         np.testing.assert_array_equal(getattr(restored, name), getattr(pooled, name))
     with pytest.raises(ValueError, match='3 domains'):
         PooledStatistics(3).load_state_dict({**pooled.state_dict(), 'weight': [1.0]})
+
+
+def test_pooling_pools_inner_products_per_pair():
+    """Pairs probed together pool like G (plain decay here); pairs never probed together stay unseen;
+    a checkpoint from before the pair sums resumes with no pairs."""
+    pooled = PooledStatistics(3, decay=0.5, drift_z=np.inf)
+    norms = np.ones((3, 2))
+    first = np.array([[9.0, 2.0], [2.0, 9.0]])  # diagonals are ignored
+    pooled.update([0, 1], [1.0, 1.0], [4.0, 4.0], norms[:2], [0.0, 0.0], num_chunks=2, chunk_size=4,
+                  inner_products=first, inner_product_sketch_var=np.zeros((2, 2)))
+    assert pooled.pairs_seen.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    second = np.array([[0.0, 4.0, 1.0], [4.0, 0.0, 3.0], [1.0, 3.0, 0.0]])
+    pooled.update([0, 1, 2], [1.0, 1.0, 1.0], [4.0, 4.0, 4.0], norms, [0.0] * 3, num_chunks=2, chunk_size=4,
+                  inner_products=second, inner_product_sketch_var=np.full((3, 3), 0.25))
+    expected = np.array([[0.0, (0.5 * 2 + 4) / 1.5, 1.0], [(0.5 * 2 + 4) / 1.5, 0.0, 3.0], [1.0, 3.0, 0.0]])
+    np.testing.assert_allclose(pooled.inner_products, expected, rtol=1e-12)
+    # Equal chunk norms measure no noise shape, so the sketch's variance is all there is: sum w^2 V / (sum w)^2
+    older_pair = 0.25 / 1.5**2
+    np.testing.assert_allclose(pooled.inner_product_var,
+                               [[0.0, older_pair, 0.25], [older_pair, 0.0, 0.25], [0.25, 0.25, 0.0]], rtol=1e-12)
+    restored = PooledStatistics(3, decay=0.5, drift_z=np.inf)
+    restored.load_state_dict(json.loads(json.dumps(pooled.state_dict())))
+    np.testing.assert_array_equal(restored.inner_products, pooled.inner_products)
+    older = {name: value for name, value in pooled.state_dict().items() if not name.startswith('pair_')}
+    restored.load_state_dict(older)
+    assert not restored.pairs_seen.any() and restored.grad_sq_norms[0] == pooled.grad_sq_norms[0]
 
 
 def test_pooling_forgets_by_checks_not_by_probes():

@@ -33,6 +33,7 @@ from composer_pike.stats import (
 )
 from composer_pike.weights import (
     PikeStep,
+    alignment_terms,
     apply_scores,
     auto_zeta_ratio,
     balanced_coefficients,
@@ -68,6 +69,11 @@ class PiKE(Algorithm):
             explicit constants ``zeta1``/``zeta2``, never recalibrated. ``'kkt'``: conceptual PiKE,
             the exact minimiser of the descent bound with ``smoothness``, ``beta``, ``gamma`` and the
             optimizer's current learning rate.
+        alignment: add the alignment terms to the evidence score (``update='evidence'``): each domain's
+            score becomes the descent of the whole objective per unit of its weight, its own
+            ``y_k G_k`` plus ``sum_j y_j <grad L_j, grad L_k>`` over the other domains, from the pooled
+            inner products of the gradient sketch (needs ``conflict_sketch_size`` > 0; pairs of domains
+            never probed together contribute nothing). Algorithm 1 drops them (low conflict).
         step_size: nats of log-weight per check for a domain whose score exceeds the mixture's by
             the domains' gradient signal (``update='evidence'``; see
             :func:`composer_pike.weights.evidence_scores`).
@@ -108,6 +114,7 @@ class PiKE(Algorithm):
         num_chunks: int = 8,
         domains_per_check: int | None = None,
         update: str = 'evidence',
+        alignment: bool = False,
         step_size: float = 0.5,
         evidence_z: float = 2.5,
         zeta_ratio: float | str = 'auto',
@@ -140,6 +147,11 @@ class PiKE(Algorithm):
             raise ValueError(f'domains_per_check must be >= 1 or None, got {domains_per_check}')
         if update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+        if alignment and update != 'evidence':
+            raise ValueError(f"alignment=True is an option of update='evidence', got update={update!r}")
+        if alignment and conflict_sketch_size < 1:
+            raise ValueError('alignment=True needs the gradient sketch: conflict_sketch_size must be > 0, '
+                             f'got {conflict_sketch_size}')
         if (zeta1 is None) != (zeta2 is None):
             raise ValueError('set both zeta1 and zeta2, or neither')
         if (zeta1 is not None) != (update == 'paper'):
@@ -166,6 +178,7 @@ class PiKE(Algorithm):
         self.num_chunks = num_chunks
         self.domains_per_check = domains_per_check
         self.update = update
+        self.alignment = bool(alignment)
         self.step_size = step_size
         self.evidence_z = evidence_z
         self.zeta_ratio = zeta_ratio
@@ -291,9 +304,15 @@ class PiKE(Algorithm):
         probe_se = (np.full(len(probed), np.nan), np.full(len(probed), np.nan))
         if finite.any():  # a non-finite probe is never pooled: it would poison every later check
             elapsed = np.maximum(self.checks - self._last_probed[probed[finite]], 1.0)  # never probed: any
+            pairs = {}
+            if statistics.inner_products is not None:
+                kept = np.ix_(finite, finite)
+                pairs = {'inner_products': statistics.inner_products.numpy()[kept],
+                         'inner_product_sketch_var': statistics.inner_product_sketch_var.numpy()[kept]}
             grad_se, variance_se = pooled.update(
                 probed[finite], grad[finite], variance[finite], chunk_norms[finite], probe_losses[finite],
-                num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size, checks_since_last_probe=elapsed)
+                num_chunks=statistics.num_chunks, chunk_size=statistics.chunk_size, checks_since_last_probe=elapsed,
+                **pairs)
             probe_se[0][finite], probe_se[1][finite] = grad_se, variance_se
         self._last_probed[probed] = self.checks
         self.checks += 1
@@ -340,11 +359,20 @@ class PiKE(Algorithm):
                                min_weight=floor, max_weight=cap), extra
         if self.update == 'kkt':
             return self._kkt_step(state, grad, variance, weights, mask, floor, cap, rho), extra
+        alignment = {}
+        if self.alignment:
+            pairs = np.outer(mask, mask)
+            alignment = {'inner_products': np.where(pairs, pooled.inner_products, 0.0),
+                         'inner_product_var': np.where(pairs, pooled.inner_product_var, 0.0)}
+            coefficients = np.ones(mask.size) if loss_weights is None else loss_weights
+            terms, terms_var = alignment_terms(**alignment, coefficients=np.where(mask, coefficients, 0.0), mask=mask)
+            extra.update(alignment=terms, alignment_se=np.sqrt(terms_var))
         evidence = evidence_scores(
             grad, variance, np.where(mask, pooled.grad_sq_var, 0.0), np.where(mask, pooled.variance_var, 0.0),
             np.where(mask, pooled.covariance, 0.0), weights, batch_size=batch_size, zeta_ratio=rho,
             step_size=self.step_size, evidence_z=self.evidence_z,
-            degrees_of_freedom=float(pooled.degrees_of_freedom[mask].min()), loss_weights=loss_weights, active=mask)
+            degrees_of_freedom=float(pooled.degrees_of_freedom[mask].min()), loss_weights=loss_weights, active=mask,
+            **alignment)
         extra.update(advantage=evidence.advantage, advantage_se=evidence.advantage_se, critical_z=evidence.critical)
         return apply_scores(current, evidence.scores, active=mask, score_clip=self.score_clip, min_weight=floor,
                             max_weight=cap, reason=evidence.reason), extra
@@ -425,9 +453,14 @@ class PiKE(Algorithm):
                 metrics[f'pike/pooled/{kind}/{name}'] = float(values[k])
             metrics[f'pike/noise_scale/{name}'] = float(noise_scale[k])
             metrics[f'pike/noise_dim/{name}'] = float(noise_dim[k])
-            if 'advantage' in extra:
-                metrics[f'pike/advantage/{name}'] = float(extra['advantage'][k])
-                metrics[f'pike/advantage_se/{name}'] = float(extra['advantage_se'][k])
+            for key in ('advantage', 'advantage_se', 'alignment', 'alignment_se'):
+                if key in extra:
+                    metrics[f'pike/{key}/{name}'] = float(extra[key][k])
+        seen = pooled.pairs_seen
+        inner, inner_se = pooled.inner_products, np.sqrt(pooled.inner_product_var)
+        for j, k in zip(*np.nonzero(np.triu(seen))):
+            metrics[f'pike/pooled/inner_product/{names[j]}/{names[k]}'] = float(inner[j, k])
+            metrics[f'pike/pooled/inner_product_se/{names[j]}/{names[k]}'] = float(inner_se[j, k])
         if statistics.inner_products is not None and len(probed) > 1:
             metrics.update(self._conflicts(statistics, probed))
         logger.log_metrics(metrics)

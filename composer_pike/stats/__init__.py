@@ -14,6 +14,7 @@ from composer_pike.stats.estimators import (
     cosine_intervals,
     estimate_from_sums,
     estimator_variances,
+    inner_product_variances,
     noise_shape_evidence,
     pairwise_cosines,
 )
@@ -22,6 +23,6 @@ from composer_pike.stats.pooling import PooledStatistics
 
 __all__ = [
     'LAYOUTS', 'GradientStatistics', 'GradientStatsAccumulator', 'LossTrend', 'PooledStatistics', 'cosine_intervals',
-    'estimate_from_sums', 'estimator_variances', 'gradient_layout', 'gradient_sum_factor', 'local_gradient',
-    'mean_log_samples', 'noise_shape_evidence', 'pairwise_cosines',
+    'estimate_from_sums', 'estimator_variances', 'gradient_layout', 'gradient_sum_factor', 'inner_product_variances',
+    'local_gradient', 'mean_log_samples', 'noise_shape_evidence', 'pairwise_cosines',
 ]

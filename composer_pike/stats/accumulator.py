@@ -12,17 +12,25 @@ Only one gradient-sized buffer (S, shaped like the *local* gradients) is kept an
 every domain. Squared norms and inner products are additive over disjoint shards, so under
 FSDP each rank keeps its local partial sums and ``finalize`` adds them with one all-reduce.
 
-Conflict monitor (optional): cosines between the domain gradients without K gradient buffers.
-At the end of each domain the accumulator keeps every s-th coordinate of S (the concatenated
-local gradient vector, from a random offset in [0, s) drawn once per probe), so each
-coordinate is kept with probability 1/s and s <sub_j, sub_k> is unbiased for <S_j, S_k>. For
-j != k the domains' samples are independent, so E <S_j, S_k> = M^2 <grad L_j, grad L_k>: the
-numerator is unbiased; dividing by sqrt(G_j G_k) makes the cosine consistent, not unbiased.
+Inner products between domains (optional): the conflict monitor's cosines and PiKE's alignment
+terms need <grad L_j, grad L_k> without K gradient buffers. At the end of each domain the
+accumulator folds S into two signed count sketches of p buckets each (p the largest prime <= m/2, m =
+``conflict_sketch_size``): coordinate i of the concatenated local gradient vector goes to bucket
+i mod p of sketch r with a random sign s_ri (the signs drawn once per probe, the same for every
+domain), sk_rb = sum_{i = b mod p} s_ri S_i. Distinct coordinates' signs are independent, so each
+<sk_rj, sk_rk> is unbiased for <S_j, S_k>, with a variance of about ||S_j||^2 ||S_k||^2 / p
+however the gradient's energy is spread over its coordinates (sampling coordinates instead misses a
+gradient whose energy sits in a few). The estimate is the mean of the two; its variance is estimated
+without bias from their per-bucket differences, sum_b (sk_1jb sk_1kb - sk_2jb sk_2kb)^2 / 4 (the
+replicates share the buckets' coordinates, so a bucket whose inner product is one large coordinate
+contributes nothing, as it adds no error). When the local gradient has at most m coordinates the
+sketch is S itself (no variance). For j != k the domains' samples are independent, so
+E <S_j, S_k> = M^2 <grad L_j, grad L_k>: the numerator is unbiased; dividing by sqrt(G_j G_k) makes
+the cosine consistent, not unbiased.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -34,6 +42,15 @@ from torch.distributed.tensor import DTensor
 from composer_pike.stats.estimators import estimate_from_sums, pairwise_cosines
 
 LAYOUTS = ("replicated", "sharded")
+
+
+def _largest_prime_at_most(number: int) -> int:
+    """The sketch's bucket count: a prime, so that i mod buckets does not line up with the power-of-two
+    strides of weight matrices (one outlier feature's column would otherwise fold into few buckets)."""
+    for candidate in range(max(number, 2), 1, -1):
+        if all(candidate % divisor for divisor in range(2, int(candidate**0.5) + 1)):
+            return candidate
+    return 2
 
 
 def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -121,15 +138,15 @@ class GradientStatsAccumulator:
 
     Usage per probe: for each domain ``begin_domain(k)``, then after every chunk's backward
     ``add_chunk()``, then ``end_domain()``; finally ``finalize()``. ``finalize`` resets the
-    accumulator, so it may be reused for the next probe (with a fresh sketch offset).
+    accumulator, so it may be reused for the next probe (with fresh sketch signs).
 
     Args:
         params: the trainable parameters (plain, FSDP1 flat-shard views, or FSDP2 DTensors).
         num_domains: K.
         chunk_size: m, global samples per chunk (used for the per-sample variance).
-        conflict_sketch_size: about how many gradient coordinates per domain the conflict
-            monitor keeps (0 disables it).
-        seed: seeds the sketch offsets; must be the same on every rank.
+        conflict_sketch_size: buckets m of each domain's gradient sketch, for the conflict monitor and
+            the alignment terms (0 disables them).
+        seed: seeds the sketch signs; must be the same on every rank.
         layout: 'sharded' if each rank holds a disjoint part of the gradient (FSDP), else
             'replicated'; see ``gradient_layout``.
     """
@@ -169,14 +186,14 @@ class GradientStatsAccumulator:
             if local.numel() > 0
         ]
         local_numel = sum(buffer.numel() for buffer in self._sum_buffers)
-        self._sketch_stride = (
-            max(1, math.ceil(local_numel / conflict_sketch_size)) if conflict_sketch_size else 1
-        )
+        self._sketch_exact = local_numel <= conflict_sketch_size  # the sketch is S itself
+        # (replicates, buckets) of each domain's sketch
+        self._sketch_shape = (1, local_numel) if self._sketch_exact else (2, _largest_prime_at_most(conflict_sketch_size // 2))
         self._generator = torch.Generator().manual_seed(seed)
         self._start_cycle()
 
     def _start_cycle(self) -> None:
-        """Forget all domains and draw the sketch offset for the next probe."""
+        """Forget all domains and draw the sketch signs' seed for the next probe."""
         self._current_domain: int | None = None
         self._current_chunk_sq_norms: list[torch.Tensor] = []
         self._chunk_sq_norms: dict[int, torch.Tensor] = {}
@@ -184,17 +201,30 @@ class GradientStatsAccumulator:
         if self.conflict_sketch_size == 0:
             self._sketch = None
             return
-        offset = int(torch.randint(self._sketch_stride, (1,), generator=self._generator))
-        self._sketch_views = []
-        start = 0
-        for buffer in self._sum_buffers:
-            first = (offset - start) % self._sketch_stride
-            self._sketch_views.append(buffer.view(-1)[first :: self._sketch_stride])
-            start += buffer.numel()
-        sketch_length = sum(view.numel() for view in self._sketch_views)
+        self._sketch_seed = int(torch.randint(2**62, (1,), generator=self._generator))
         self._sketch = torch.zeros(
-            self.num_domains, sketch_length, dtype=self._accum_dtype, device=self._device
+            self.num_domains, *self._sketch_shape, dtype=self._accum_dtype, device=self._device
         )
+
+    def _fold_into_sketch(self, sketch: torch.Tensor) -> None:
+        """sketch[r, b] = sum over coordinates i = b (mod buckets) of s_ri S_i, signs from this probe's seed."""
+        if self._sketch_exact:
+            torch.cat([buffer.view(-1) for buffer in self._sum_buffers], out=sketch[0])
+            return
+        sketch.zero_()
+        buckets = sketch.shape[1]
+        generator = torch.Generator(device=self._device).manual_seed(self._sketch_seed)
+        for replicate in sketch:
+            position = 0
+            for buffer in self._sum_buffers:
+                # Pieces of about 4M coordinates bound the temporaries for large parameters.
+                for piece in buffer.view(-1).split(buckets * max(1, 2**22 // buckets)):
+                    signs = torch.randint(0, 2, piece.shape, generator=generator, device=piece.device)
+                    signed = piece * (2 * signs - 1).to(piece.dtype)
+                    offset = position % buckets
+                    padded = torch.nn.functional.pad(signed, (offset, -(offset + piece.numel()) % buckets))
+                    replicate += padded.view(-1, buckets).sum(0)
+                    position += piece.numel()
 
     def _sum_of_squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """sum_t ||t||^2 as a float64 scalar on the accumulator's device (no host sync)."""
@@ -262,8 +292,8 @@ class GradientStatsAccumulator:
                 )
         self._chunk_sq_norms[domain] = torch.stack(self._current_chunk_sq_norms)
         self._sum_sq_norms[domain] = self._sum_of_squares(self._sum_buffers)
-        if self._sketch is not None and self._sketch_views:
-            torch.cat(self._sketch_views, out=self._sketch[domain])
+        if self._sketch is not None and self._sketch.numel():
+            self._fold_into_sketch(self._sketch[domain])
         self._current_domain = None
 
     def finalize(self, process_group: dist.ProcessGroup | None = None) -> GradientStatistics:
@@ -284,11 +314,16 @@ class GradientStatsAccumulator:
         partial_sums = [chunk_sq_norms.flatten(), sum_sq_norms]
         if self._sketch is not None:
             sketch = self._sketch.double()
-            stride = self._sketch_stride
-            partial_sums.append((stride * (sketch @ sketch.T)).flatten())
-            # Variance the coordinate sampling adds to each <S_j, S_k> (0 for a full sketch, stride 1).
-            squared = sketch.square()
-            partial_sums.append((stride * (stride - 1) * (squared @ squared.T)).flatten())
+            replicates = sketch.unbind(1)  # (K, buckets) each
+            partial_sums.append((sum(r @ r.T for r in replicates) / len(replicates)).flatten())
+            # Variance the sketch adds to each <S_j, S_k> (see the module docstring; 0 when exact):
+            # sum_b (a1 b1 - a2 b2)^2 / 4 = [(a1^2)(b1^2) + (a2^2)(b2^2) - 2 (a1 a2)(b1 b2)] / 4
+            if self._sketch_exact:
+                partial_sums.append(torch.zeros(self.num_domains**2, dtype=torch.float64, device=sketch.device))
+            else:
+                first, second = (r.square() for r in replicates)
+                product = replicates[0] * replicates[1]
+                partial_sums.append(((first @ first.T + second @ second.T - 2 * product @ product.T) / 4).flatten())
         packed = torch.cat(partial_sums)
         if self.layout == "sharded" and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)

@@ -123,6 +123,33 @@ def estimator_variances(
     return grad_var, variance_var, covariance
 
 
+def inner_product_variances(
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    noise_shape: ArrayLike,
+    inner_product_sketch_var: ArrayLike,
+    *,
+    num_chunks: int,
+    chunk_size: int,
+) -> FloatArray:
+    """Sampling variance of one probe's X_jk, the unbiased estimate of <grad L_j, grad L_k>, (K, K).
+
+    X_jk is the inner product of two domains' means of M chunks each, from independent samples. With the
+    noise model above (chunk noise trace t = sigma^2 / m, shape kappa, ``grad_sq_norms`` the pooled G's,
+    clamped at 0), ``Var(X) = (G_j kappa_k t_k + G_k kappa_j t_j) / M + sqrt(kappa_j kappa_k) t_j t_k / M^2``
+    plus ``inner_product_sketch_var``, what the gradient sketch adds. The diagonal is not an inner product
+    estimate (G-hat has its own variance, :func:`estimator_variances`).
+    """
+    positive = np.maximum(np.asarray(grad_sq_norms, dtype=np.float64), 0.0)
+    noise_trace = np.maximum(np.asarray(per_sample_variances, dtype=np.float64), 0.0) / chunk_size
+    shape = np.asarray(noise_shape, dtype=np.float64)
+    chunks = float(num_chunks)
+    mean_noise = np.outer(positive, shape * noise_trace)  # G_j kappa_k t_k
+    return ((mean_noise + mean_noise.T) / chunks
+            + np.sqrt(np.outer(shape, shape)) * np.outer(noise_trace, noise_trace) / chunks**2
+            + np.asarray(inner_product_sketch_var, dtype=np.float64))
+
+
 def cosine_intervals(
     inner_products: ArrayLike,
     inner_product_sketch_var: ArrayLike,
@@ -136,23 +163,15 @@ def cosine_intervals(
 ) -> tuple[FloatArray, FloatArray]:
     """Cosines between domain gradients and their standard errors, (K, K) each (diagonal 1 and 0).
 
-    ``inner_products[j, k]`` is one probe's unbiased estimate X of <grad L_j, grad L_k> (means of M
-    chunks each, from independent samples), ``inner_product_sketch_var`` the extra variance of X from
-    the coordinate sketch. With the noise model above,
-    ``Var(X) = (G_j kappa_k t_k + G_k kappa_j t_j) / M + sqrt(kappa_j kappa_k) t_j t_k / M^2`` + sketch.
-    The cosine divides X by sqrt(G_j G_k) (``grad_sq_norms``, pooled, with variances ``grad_sq_var``); its
-    standard error adds the two relative errors of the denominator (delta method). NaN where a G <= 0.
+    ``inner_products[j, k]`` is one probe's unbiased estimate X of <grad L_j, grad L_k>, with variance
+    from :func:`inner_product_variances`. The cosine divides X by sqrt(G_j G_k) (``grad_sq_norms``,
+    pooled, with variances ``grad_sq_var``); its standard error adds the two relative errors of the
+    denominator (delta method). NaN where a G <= 0.
     """
     cross = np.asarray(inner_products, dtype=np.float64)
-    grad = np.asarray(grad_sq_norms, dtype=np.float64)
-    positive = np.maximum(grad, 0.0)
-    noise_trace = np.maximum(np.asarray(per_sample_variances, dtype=np.float64), 0.0) / chunk_size
-    shape = np.asarray(noise_shape, dtype=np.float64)
-    chunks = float(num_chunks)
-    mean_noise = np.outer(positive, shape * noise_trace)  # G_j kappa_k t_k
-    cross_var = ((mean_noise + mean_noise.T) / chunks
-                 + np.sqrt(np.outer(shape, shape)) * np.outer(noise_trace, noise_trace) / chunks**2
-                 + np.asarray(inner_product_sketch_var, dtype=np.float64))
+    positive = np.maximum(np.asarray(grad_sq_norms, dtype=np.float64), 0.0)
+    cross_var = inner_product_variances(grad_sq_norms, per_sample_variances, noise_shape, inner_product_sketch_var,
+                                        num_chunks=num_chunks, chunk_size=chunk_size)
     with np.errstate(divide="ignore", invalid="ignore"):
         norm_products = np.sqrt(np.outer(positive, positive))
         cosines = np.where(norm_products > 0, cross / norm_products, np.nan)

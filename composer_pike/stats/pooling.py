@@ -24,6 +24,9 @@ that do not move, one false alarm in about a million comparisons under Gaussian 
 Gaussian likelihood of the discrepancy relative to the threshold's, so the pool forgets smoothly, and all
 at once only for a change far outside its errors.
 
+Inner products between domains (X_jk, for PiKE's alignment terms) pool the same way per pair of domains
+probed together, the pair's earlier probes multiplied by the smaller of its two domains' factors.
+
 The noise shape kappa (see :mod:`.estimators`) pools with the slower ``shape_decay`` as a ratio of sums.
 Plain numpy; the state is fixed-shape float lists, so it survives sharded checkpoints.
 """
@@ -34,12 +37,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from composer_pike.stats.estimators import estimator_variances, noise_shape_evidence
+from composer_pike.stats.estimators import estimator_variances, inner_product_variances, noise_shape_evidence
 
 FloatArray = NDArray[np.float64]
 _SUMS = ('weight', 'weight_sq', 'grad_sum', 'variance_sum', 'loss_sum', 'grad_var_sum', 'variance_var_sum',
          'covariance_sum', 'sample_sum', 'sample_sq_sum', 'shape_num', 'shape_den', 'shape_weight', 'shape_weight_sq',
          'shape_dof', 'probes')
+_PAIR_SUMS = ('pair_weight', 'pair_sum', 'pair_var_sum')  # (K, K): inner products of pairs probed together
 
 
 class PooledStatistics:
@@ -68,6 +72,8 @@ class PooledStatistics:
         self.last_drift = np.full(num_domains, np.nan)  # z of each domain's latest probe against its pool
         for name in _SUMS:
             setattr(self, name, np.zeros(num_domains))
+        for name in _PAIR_SUMS:
+            setattr(self, name, np.zeros((num_domains, num_domains)))
 
     def update(
         self,
@@ -80,9 +86,13 @@ class PooledStatistics:
         num_chunks: int,
         chunk_size: int,
         checks_since_last_probe: ArrayLike = 1,
+        inner_products: ArrayLike | None = None,
+        inner_product_sketch_var: ArrayLike | None = None,
     ) -> tuple[FloatArray, FloatArray]:
         """Add one probe of ``domains`` (their G-hat, sigma^2-hat, (D, M) chunk norms and mean losses),
-        ``checks_since_last_probe`` checks (per domain, or one for all) after each one's previous probe.
+        ``checks_since_last_probe`` checks (per domain, or one for all) after each one's previous probe,
+        and optionally their (D, D) inner products X_jk with the variance the gradient sketch adds to them
+        (diagonals ignored; the sampling variance comes from :func:`.estimators.inner_product_variances`).
 
         Returns this probe's standard errors (of G-hat, of sigma^2-hat), one per probed domain.
         """
@@ -119,8 +129,23 @@ class PooledStatistics:
                 ('sample_sq_sum', samples, keep_sq)):
             total = getattr(self, name)
             total[index] = factor * total[index] + value
+        if inner_products is not None:
+            inner_product_var = inner_product_variances(
+                reference, variance, self.noise_shape[index], inner_product_sketch_var, num_chunks=num_chunks,
+                chunk_size=chunk_size)
+            self._update_pairs(index, keep, np.asarray(inner_products, dtype=np.float64), inner_product_var)
         self.probes[index] += 1
         return np.sqrt(grad_var), np.sqrt(variance_var)
+
+    def _update_pairs(self, index: NDArray[np.int64], keep: FloatArray, inner_products: FloatArray,
+                      inner_product_var: FloatArray) -> None:
+        pairs = np.ix_(index, index)
+        pair_keep = np.minimum.outer(keep, keep)
+        off_diagonal = ~np.eye(index.size, dtype=bool)
+        for name, value, factor in (('pair_weight', 1.0, pair_keep), ('pair_sum', inner_products, pair_keep),
+                                    ('pair_var_sum', inner_product_var, pair_keep**2)):
+            total = getattr(self, name)
+            total[pairs] = np.where(off_diagonal, factor * total[pairs] + value, 0.0)
 
     def _drift(self, index: NDArray[np.int64], grad: FloatArray, variance: FloatArray, grad_var: FloatArray,
                variance_var: FloatArray) -> FloatArray:
@@ -144,6 +169,23 @@ class PooledStatistics:
     def _mean_variance(self, total: FloatArray) -> FloatArray:
         with np.errstate(divide='ignore', invalid='ignore'):
             return np.where(self.seen, total / self.weight**2, np.nan)
+
+    @property
+    def pairs_seen(self) -> NDArray[np.bool_]:
+        """(K, K): pairs of distinct domains probed together at least once."""
+        return self.pair_weight > 0
+
+    @property
+    def inner_products(self) -> FloatArray:
+        """(K, K) pooled <grad L_j, grad L_k> for pairs probed together (0 elsewhere, diagonal 0)."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.pairs_seen, self.pair_sum / self.pair_weight, 0.0)
+
+    @property
+    def inner_product_var(self) -> FloatArray:
+        """(K, K) sampling variance of :attr:`inner_products` (0 where unseen)."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            return np.where(self.pairs_seen, self.pair_var_sum / self.pair_weight**2, 0.0)
 
     @property
     def grad_sq_norms(self) -> FloatArray:
@@ -195,12 +237,16 @@ class PooledStatistics:
     # ---- checkpointing ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).tolist() for name in _SUMS}
+        return {name: getattr(self, name).tolist() for name in _SUMS + _PAIR_SUMS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in _SUMS:
-            values = np.asarray(state[name], dtype=np.float64)
-            if values.shape != (self.num_domains,):
-                raise ValueError(f'pooled statistics {name!r} has shape {values.shape}, this mixture has '
-                                 f'{self.num_domains} domains')
-            setattr(self, name, values)
+        num_domains = self.num_domains
+        for names, shape in ((_SUMS, (num_domains,)), (_PAIR_SUMS, (num_domains, num_domains))):
+            for name in names:
+                # Checkpoints written before the pair sums existed resume with no pairs seen.
+                values = np.asarray(state.get(name, np.zeros(shape)) if names is _PAIR_SUMS else state[name],
+                                    dtype=np.float64)
+                if values.shape != shape:
+                    raise ValueError(f'pooled statistics {name!r} has shape {values.shape}, this mixture has '
+                                     f'{num_domains} domains')
+                setattr(self, name, values)

@@ -38,6 +38,25 @@ def auto_zeta_ratio(
     return signal / (signal + noise) if signal > 0 else 0.0
 
 
+def alignment_terms(inner_products: ArrayLike, inner_product_var: ArrayLike | None, coefficients: FloatArray,
+                    mask: NDArray[np.bool_]) -> tuple[FloatArray, FloatArray]:
+    """Per domain k, ``sum_{j != k} y_j X_jk`` and ``sum_{j != k} y_j^2 Var X_jk`` over the active domains j
+    (0 off ``mask``): what the other domains' losses gain per unit of k's weight, in units of G."""
+    num_domains = coefficients.size
+    cross = np.asarray(inner_products, dtype=np.float64)
+    if inner_product_var is None:
+        raise ValueError("inner_products needs inner_product_var")
+    cross_var = np.asarray(inner_product_var, dtype=np.float64)
+    for name, value in (("inner_products", cross), ("inner_product_var", cross_var)):
+        if value.shape != (num_domains, num_domains):
+            raise ValueError(f"{name} must have shape ({num_domains}, {num_domains}), got {value.shape}")
+    pairs = np.outer(mask, mask) & ~np.eye(num_domains, dtype=bool)
+    if not np.isfinite(np.where(pairs, cross, 0.0)).all() or not np.isfinite(np.where(pairs, cross_var, 0.0)).all():
+        raise ValueError("inner_products and inner_product_var must be finite between active domains")
+    cross, cross_var = np.where(pairs, cross, 0.0), np.where(pairs, np.maximum(cross_var, 0.0), 0.0)
+    return cross @ coefficients, cross_var @ coefficients**2
+
+
 @dataclass(frozen=True)
 class EvidenceScores:
     """Result of :func:`evidence_scores` or :func:`elasticity_scores`, per domain (0 on inactive domains).
@@ -90,11 +109,17 @@ def evidence_scores(
     degrees_of_freedom: float = np.inf,
     loss_weights: ArrayLike | None = None,
     active: ArrayLike | None = None,
+    inner_products: ArrayLike | None = None,
+    inner_product_var: ArrayLike | None = None,
 ) -> EvidenceScores:
     """Log-weight increments that move only on evidence (PIKE_MATH.md s.9).
 
     Each domain's descent score per unit weight is Algorithm 1's ``u_k = y_k G_k - rho sigma_k^2/(2b)``
-    (``rho = zeta_ratio``), with variance ``V_k`` from the statistics' sampling (co)variances. Only
+    (``rho = zeta_ratio``), with variance ``V_k`` from the statistics' sampling (co)variances. With
+    ``inner_products`` (K, K) X_jk estimating <grad L_j, grad L_k> (diagonal ignored) and their variances
+    ``inner_product_var``, the score is the descent of the whole objective per unit weight, not only of
+    domain k's own loss: ``u_k += sum_{j != k} y_j X_jk`` (the alignment terms that Algorithm 1 drops under
+    its low-conflict assumption), ``V_k += sum_{j != k} y_j^2 Var X_jk`` (covariances neglected). Only
     differences between domains move weights (renormalisation removes a common shift), so each score
     is taken relative to the mixture's, ``d_k = u_k - sum_j s_j u_j`` with ``s_j ~ w_j p_j``: the
     current weights ``w`` (once the mixture is made of the best domains, their differences are
@@ -141,6 +166,9 @@ def evidence_scores(
     score_var = np.where(mask, coefficients**2 * np.maximum(grad_var, 0.0) + noise_factor**2 * np.maximum(
         variance_var, 0.0) - 2.0 * coefficients * noise_factor * covariance, 0.0)
     score_var = np.maximum(score_var, 0.0)
+    if inner_products is not None:
+        alignment, alignment_var = alignment_terms(inner_products, inner_product_var, coefficients, mask)
+        score, score_var = score + alignment, score_var + alignment_var
     precision = precision_shares(score_var, mask)
     signal = float(np.sum(precision * coefficients * grad))
     signal_se = float(np.sqrt(np.sum(precision**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
