@@ -119,7 +119,9 @@ def evidence_scores(
     ``inner_products`` (K, K) X_jk estimating <grad L_j, grad L_k> (diagonal ignored) and their variances
     ``inner_product_var``, the score is the descent of the whole objective per unit weight, not only of
     domain k's own loss: ``u_k += sum_{j != k} y_j X_jk`` (the alignment terms that Algorithm 1 drops under
-    its low-conflict assumption), ``V_k += sum_{j != k} y_j^2 Var X_jk`` (covariances neglected). Only
+    its low-conflict assumption), ``V_k += sum_{j != k} y_j^2 Var X_jk`` (covariances neglected), and the
+    scale S below includes them (the whole objective's descent per unit weight, several times the domain's
+    own when domains align). Only
     differences between domains move weights (renormalisation removes a common shift), so each score
     is taken relative to the mixture's, ``d_k = u_k - sum_j s_j u_j`` with ``s_j ~ w_j p_j``: the
     current weights ``w`` (once the mixture is made of the best domains, their differences are
@@ -166,12 +168,14 @@ def evidence_scores(
     score_var = np.where(mask, coefficients**2 * np.maximum(grad_var, 0.0) + noise_factor**2 * np.maximum(
         variance_var, 0.0) - 2.0 * coefficients * noise_factor * covariance, 0.0)
     score_var = np.maximum(score_var, 0.0)
+    descent, descent_var = coefficients * grad, coefficients**2 * np.maximum(grad_var, 0.0)
     if inner_products is not None:
         alignment, alignment_var = alignment_terms(inner_products, inner_product_var, coefficients, mask)
         score, score_var = score + alignment, score_var + alignment_var
+        descent, descent_var = descent + alignment, descent_var + alignment_var
     precision = precision_shares(score_var, mask)
-    signal = float(np.sum(precision * coefficients * grad))
-    signal_se = float(np.sqrt(np.sum(precision**2 * coefficients**2 * np.maximum(grad_var, 0.0))))
+    signal = float(np.sum(precision * descent))
+    signal_se = float(np.sqrt(np.sum(precision**2 * descent_var)))
     if not signal > critical * signal_se:
         return EvidenceScores(zeros, zeros, zeros, critical, f"the domains' gradient signal {signal:.3g} is within "
                                                    f"{critical:.3g} standard errors ({signal_se:.3g}) of 0")
