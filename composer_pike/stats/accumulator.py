@@ -219,7 +219,8 @@ class GradientStatsAccumulator:
             for buffer in self._sum_buffers:
                 # Pieces of about 4M coordinates bound the temporaries for large parameters.
                 for piece in buffer.view(-1).split(buckets * max(1, 2**22 // buckets)):
-                    signs = torch.randint(0, 2, piece.shape, generator=generator, device=piece.device)
+                    signs = torch.randint(0, 2, piece.shape, generator=generator, device=piece.device,
+                                          dtype=torch.int8)  # int8 draws are about 3x faster than int64
                     signed = piece * (2 * signs - 1).to(piece.dtype)
                     offset = position % buckets
                     padded = torch.nn.functional.pad(signed, (offset, -(offset + piece.numel()) % buckets))
