@@ -188,7 +188,8 @@ class GradientStatsAccumulator:
         local_numel = sum(buffer.numel() for buffer in self._sum_buffers)
         self._sketch_exact = local_numel <= conflict_sketch_size  # the sketch is S itself
         # (replicates, buckets) of each domain's sketch
-        self._sketch_shape = (1, local_numel) if self._sketch_exact else (2, _largest_prime_at_most(conflict_sketch_size // 2))
+        self._sketch_shape = ((1, local_numel) if self._sketch_exact
+                              else (2, _largest_prime_at_most(conflict_sketch_size // 2)))
         self._generator = torch.Generator().manual_seed(seed)
         self._start_cycle()
 
