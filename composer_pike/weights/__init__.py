@@ -33,6 +33,6 @@ from composer_pike.weights.pike import balanced_coefficients, mirror_descent_sco
 from composer_pike.weights.steps import PikeStep, apply_scores, default_min_weight, project_to_bounds
 
 __all__ = ['EvidenceScores', 'PikeStep', 'alignment_terms', 'apply_scores', 'apportion', 'auto_zeta_ratio',
-           'balanced_coefficients', 'default_min_weight', 'descent_bound_coefficients', 'elasticity_scores', 'epoch_cap_upper_bounds',
-           'evidence_scores', 'kkt_weights', 'mirror_descent_scores', 'pike_scores', 'pike_update',
-           'precision_shares', 'project_to_bounds']
+           'balanced_coefficients', 'default_min_weight', 'descent_bound_coefficients', 'elasticity_scores',
+           'epoch_cap_upper_bounds', 'evidence_scores', 'kkt_weights', 'mirror_descent_scores', 'pike_scores',
+           'pike_update', 'precision_shares', 'project_to_bounds']
