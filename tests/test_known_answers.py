@@ -25,7 +25,8 @@ DUPLICATE_BOUND = 0.35  # nats: |log(w_a / w_b)| of two copies of one domain (wo
 
 
 def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
-             domains_per_check: int | None = None, drift_z: float = DEFAULTS.drift_z) -> np.ndarray:
+             domains_per_check: int | None = None, drift_z: float = DEFAULTS.drift_z,
+             alignment: bool = False, orthogonal: tuple[int, ...] = ()) -> np.ndarray:
     """Weights after each check for domains with true G = ``grad_sq_norms`` (all with sigma^2 = 1, noise
     spread over DIM directions; equal G means the same mean gradient, i.e. identical domains).
 
@@ -33,12 +34,15 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
     far: how much it has been trained) giving the true G at that check. ``domains_per_check`` probes
     only that many after the first check, least recently probed first (the algorithm's rotation).
     ``drift_z`` is the pooling's (``inf``: plain decay, the power check of the drift test).
+    ``alignment``: the evidence rule with the alignment terms, from the chunk means' inner products
+    (exact, no sketch); the domains in ``orthogonal`` then have mean gradients orthogonal to the
+    shared direction and to each other.
     """
     rng = np.random.default_rng(seed)
     truth_at = grad_sq_norms if callable(grad_sq_norms) else lambda check, trained: np.asarray(grad_sq_norms, float)
     num_domains = truth_at(0, np.zeros(0)).size
-    direction = rng.normal(size=DIM)
-    direction /= np.linalg.norm(direction)  # identical domains share their mean gradient exactly
+    directions = np.linalg.qr(rng.normal(size=(DIM, num_domains + 1)))[0].T  # orthonormal rows
+    direction = np.where(np.isin(np.arange(num_domains), orthogonal)[:, None], directions[1:], directions[0])
     pooled = PooledStatistics(num_domains, decay=DEFAULTS.pool_decay, drift_z=drift_z)
     last_probed = np.full(num_domains, -1.0)
     log_weights = np.full(num_domains, -np.log(num_domains))
@@ -50,7 +54,7 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
         probed = np.sort(np.lexsort((np.arange(num_domains), last_probed))[:budget])
         elapsed = np.maximum(check - last_probed[probed], 1.0)
         last_probed[probed] = check
-        means = np.sqrt(truth_at(check, trained))[probed, None] * direction
+        means = np.sqrt(truth_at(check, trained))[probed, None] * direction[probed]
         chunks = means[:, None, :] + rng.normal(size=(len(probed), NUM_CHUNKS, DIM)) * np.sqrt(1 / DIM / CHUNK_SIZE)
         chunk_norms = np.sum(chunks**2, axis=2)
         grad, variance = (v.numpy() for v in estimate_from_sums(
@@ -61,8 +65,13 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
             log_weights = pike_update(log_weights, grad, variance, zeta1=zeta, zeta2=zeta, batch_size=BATCH,
                                       min_weight=0.05 / num_domains).log_weights
         else:
+            pairs = {}
+            if alignment:  # the domains' chunk means are independent: <mean_j, mean_k> is unbiased
+                chunk_means = chunks.mean(1)
+                pairs = {'inner_products': chunk_means @ chunk_means.T,
+                         'inner_product_sketch_var': np.zeros((len(probed), len(probed)))}
             pooled.update(probed, grad, variance, chunk_norms, np.zeros(len(probed)),
-                          num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE, checks_since_last_probe=elapsed)
+                          num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE, checks_since_last_probe=elapsed, **pairs)
             if not pooled.seen.all():  # the algorithm skips the update until every domain was probed
                 history.append(np.exp(log_weights))
                 trained += history[-1]
@@ -72,7 +81,9 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
             scores = evidence_scores(
                 pooled.grad_sq_norms, pooled.per_sample_variances, pooled.grad_sq_var, pooled.variance_var,
                 pooled.covariance, weights, batch_size=BATCH, zeta_ratio=rho, step_size=DEFAULTS.step_size,
-                evidence_z=DEFAULTS.evidence_z, degrees_of_freedom=float(pooled.degrees_of_freedom.min()))
+                evidence_z=DEFAULTS.evidence_z, degrees_of_freedom=float(pooled.degrees_of_freedom.min()),
+                **({'inner_products': pooled.inner_products, 'inner_product_var': pooled.inner_product_var}
+                   if alignment else {}))
             log_weights = apply_scores(log_weights, scores.scores, score_clip=DEFAULTS.score_clip,
                                        min_weight=floor, reason=scores.reason).log_weights
         history.append(np.exp(log_weights))
@@ -155,3 +166,25 @@ def test_an_advantage_seen_only_on_the_untrained_model_stops_moving_the_weights(
     plain = [np.log(history[-1, 3] / history[0, 3])
              for history in (simulate(truth, 24, seed, drift_z=np.inf) for seed in SEEDS)]
     assert np.median(plain) > 0.4, plain
+
+
+@pytest.mark.parametrize('num_domains', [4, 8])
+def test_alignment_terms_keep_identical_domains_uniform(num_domains):
+    """With the alignment terms (every pair of identical domains has inner product G, measured with the
+    same noise as G), the null mixture still stays within 0.25 nats of uniform after 24 checks."""
+    spreads = [log_spread(simulate([NOISE_G] * num_domains, 24, seed, alignment=True)[-1]) for seed in SEEDS]
+    assert max(spreads) <= NULL_BOUND, spreads
+
+
+def test_alignment_terms_favour_domains_that_share_directions():
+    """Four domains of equal G, one orthogonal to the other three (which share their mean gradient): weight
+    on any of the three lowers all three losses, on the orthogonal one only its own, so with the alignment
+    terms it sinks to the floor (most runs) while the three stay together; Algorithm 1's score (G alone)
+    cannot tell them apart and leaves every weight near 1/4."""
+    floor = default_min_weight(4, BATCH)
+    aligned = [simulate([NOISE_G] * 4, 24, seed, alignment=True, orthogonal=(3,))[-1] for seed in SEEDS]
+    sunk = [weights[3] for weights in aligned]
+    assert np.median(sunk) == pytest.approx(floor) and max(sunk) <= 4 * floor, sunk
+    assert max(log_spread(weights[:3]) for weights in aligned) <= NULL_BOUND
+    plain = [simulate([NOISE_G] * 4, 24, seed, orthogonal=(3,))[-1][3] for seed in SEEDS]
+    assert min(plain) > 0.2, plain
