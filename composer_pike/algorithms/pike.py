@@ -33,7 +33,6 @@ from composer_pike.stats import (
 )
 from composer_pike.weights import (
     PikeStep,
-    alignment_terms,
     apply_scores,
     auto_zeta_ratio,
     balanced_coefficients,
@@ -359,14 +358,8 @@ class PiKE(Algorithm):
                                min_weight=floor, max_weight=cap), extra
         if self.update == 'kkt':
             return self._kkt_step(state, grad, variance, weights, mask, floor, cap, rho), extra
-        alignment = {}
-        if self.alignment:
-            pairs = np.outer(mask, mask)
-            alignment = {'inner_products': np.where(pairs, pooled.inner_products, 0.0),
-                         'inner_product_var': np.where(pairs, pooled.inner_product_var, 0.0)}
-            coefficients = np.ones(mask.size) if loss_weights is None else loss_weights
-            terms, terms_var = alignment_terms(**alignment, coefficients=np.where(mask, coefficients, 0.0), mask=mask)
-            extra.update(alignment=terms, alignment_se=np.sqrt(terms_var))
+        alignment = {'inner_products': pooled.inner_products, 'inner_product_var': pooled.inner_product_var} \
+            if self.alignment else {}
         evidence = evidence_scores(
             grad, variance, np.where(mask, pooled.grad_sq_var, 0.0), np.where(mask, pooled.variance_var, 0.0),
             np.where(mask, pooled.covariance, 0.0), weights, batch_size=batch_size, zeta_ratio=rho,
@@ -374,6 +367,8 @@ class PiKE(Algorithm):
             degrees_of_freedom=float(pooled.degrees_of_freedom[mask].min()), loss_weights=loss_weights, active=mask,
             **alignment)
         extra.update(advantage=evidence.advantage, advantage_se=evidence.advantage_se, critical_z=evidence.critical)
+        if evidence.alignment is not None:
+            extra.update(alignment=evidence.alignment, alignment_se=evidence.alignment_se)
         return apply_scores(current, evidence.scores, active=mask, score_clip=self.score_clip, min_weight=floor,
                             max_weight=cap, reason=evidence.reason), extra
 

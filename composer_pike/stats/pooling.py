@@ -241,12 +241,12 @@ class PooledStatistics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         num_domains = self.num_domains
-        for names, shape in ((_SUMS, (num_domains,)), (_PAIR_SUMS, (num_domains, num_domains))):
-            for name in names:
-                # Checkpoints written before the pair sums existed resume with no pairs seen.
-                values = np.asarray(state.get(name, np.zeros(shape)) if names is _PAIR_SUMS else state[name],
-                                    dtype=np.float64)
-                if values.shape != shape:
-                    raise ValueError(f'pooled statistics {name!r} has shape {values.shape}, this mixture has '
-                                     f'{num_domains} domains')
-                setattr(self, name, values)
+        # Checkpoints written before the pair sums existed resume with no pairs seen.
+        state = {**{name: np.zeros((num_domains, num_domains)) for name in _PAIR_SUMS}, **state}
+        for name in _SUMS + _PAIR_SUMS:
+            values = np.asarray(state[name], dtype=np.float64)
+            shape = (num_domains, num_domains) if name in _PAIR_SUMS else (num_domains,)
+            if values.shape != shape:
+                raise ValueError(f'pooled statistics {name!r} has shape {values.shape}, this mixture has '
+                                 f'{num_domains} domains')
+            setattr(self, name, values)

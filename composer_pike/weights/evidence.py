@@ -65,7 +65,9 @@ class EvidenceScores:
     badly measured domains discounted), in units of the reference gradient signal (for
     :func:`elasticity_scores`: its relative marginal value); ``advantage_se`` its standard error;
     ``critical`` the standard errors an advantage had to exceed; ``scores`` the log-weight increments
-    (nats) after shrinkage; ``reason`` says why there is no update ("" otherwise).
+    (nats) after shrinkage; ``reason`` says why there is no update ("" otherwise); ``alignment`` and
+    ``alignment_se`` the alignment terms in the score and their standard errors (units of G; None
+    without inner products).
     """
 
     scores: FloatArray
@@ -73,6 +75,8 @@ class EvidenceScores:
     advantage_se: FloatArray
     critical: float
     reason: str
+    alignment: FloatArray | None = None
+    alignment_se: FloatArray | None = None
 
 
 def precision_shares(variances: ArrayLike, active: NDArray[np.bool_]) -> FloatArray:
@@ -169,16 +173,18 @@ def evidence_scores(
         variance_var, 0.0) - 2.0 * coefficients * noise_factor * covariance, 0.0)
     score_var = np.maximum(score_var, 0.0)
     descent, descent_var = coefficients * grad, coefficients**2 * np.maximum(grad_var, 0.0)
+    terms: dict[str, FloatArray] = {}
     if inner_products is not None:
         alignment, alignment_var = alignment_terms(inner_products, inner_product_var, coefficients, mask)
         score, score_var = score + alignment, score_var + alignment_var
         descent, descent_var = descent + alignment, descent_var + alignment_var
+        terms = {"alignment": alignment, "alignment_se": np.sqrt(alignment_var)}
     precision = precision_shares(score_var, mask)
     signal = float(np.sum(precision * descent))
     signal_se = float(np.sqrt(np.sum(precision**2 * descent_var)))
     if not signal > critical * signal_se:
         return EvidenceScores(zeros, zeros, zeros, critical, f"the domains' gradient signal {signal:.3g} is within "
-                                                   f"{critical:.3g} standard errors ({signal_se:.3g}) of 0")
+                                                   f"{critical:.3g} standard errors ({signal_se:.3g}) of 0", **terms)
     shares = precision * np.where(mask, np.maximum(mix, 0.0), 0.0)
     if not shares.sum() > 0:
         raise ValueError("weights must have positive mass on the active domains")
@@ -188,4 +194,4 @@ def evidence_scores(
     relative_se = np.where(mask, np.sqrt(np.maximum(
         (1.0 - 2.0 * shares) * score_var + np.sum(shares**2 * score_var), 0.0)), 0.0)
     shrunk = np.sign(relative) * np.maximum(np.abs(relative) - critical * relative_se, 0.0)
-    return EvidenceScores(step_size * shrunk / signal, relative / signal, relative_se / signal, critical, "")
+    return EvidenceScores(step_size * shrunk / signal, relative / signal, relative_se / signal, critical, "", **terms)
