@@ -7,6 +7,11 @@ The model, optimizer, batch and check sizes (check_interval, estimation_batch_si
 ``yamls/demo_cpu.yaml``'s; no other ``mixing.pike`` or ``mixing.loss_slope`` key is set. Runs are shortened to ``STEPS`` steps
 (at least 12 checks) and held-out evaluation is reduced to one batch at the end.
 
+Two environment variables repeat the runs for a study, never in CI: ``PIKE_E2E_SEED`` sets the
+training seed (model, data order and probe order; default the yaml's), and ``PIKE_E2E_OVERRIDES``
+adds space-separated ``key=value`` overrides (e.g. ``mixing.pike.alignment=true``) to test a
+candidate rule on the same known answers. Each run prints them.
+
 Corpora are built from Python's own standard-library source (as :mod:`streaming_prep.demo` does),
 files assigned to domains by a seeded random draw:
 
@@ -21,6 +26,7 @@ files assigned to domains by a seeded random draw:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import string
@@ -53,6 +59,8 @@ MAX_DOCUMENT_BYTES = 64 << 10  # leave out the few huge stdlib files, so a rando
 MIN_DOCUMENT_BYTES = 512  # and the near-empty ones (__init__.py), so every val split holds a full sample
 RANDOM_DOCUMENT_CHARS = 16 << 10
 VAL_FRACTION = 0.02
+STUDY_OVERRIDES = ([f'seed={int(os.environ["PIKE_E2E_SEED"])}'] if os.environ.get('PIKE_E2E_SEED') else []) + \
+    os.environ.get('PIKE_E2E_OVERRIDES', '').split()
 
 
 # ----------------------------------------------------------------------------------------- corpora
@@ -152,10 +160,11 @@ def train(manifest: Path, run_dir: Path, name: str, policy: str) -> dict[str, li
     """The demo's model and ``policy``'s defaults for STEPS steps; the run's metrics.jsonl as series."""
     overrides = [f'data.manifest={manifest}', f'mixing.policy={policy}', f'run_name=known-answer-{name}',
                  f'trainer.max_duration={STEPS}ba', f'trainer.eval_interval={100 * STEPS}ba',
-                 'data.eval_max_batches=1']
+                 'data.eval_max_batches=1', *STUDY_OVERRIDES]
     start = time.monotonic()
     run_training(str(CONFIG), str(run_dir), overrides, echo=False)
-    print(f'[{name}] trained {STEPS} steps in {time.monotonic() - start:.0f} s')
+    print(f'[{name}] trained {STEPS} steps in {time.monotonic() - start:.0f} s'
+          f'{" with " + " ".join(STUDY_OVERRIDES) if STUDY_OVERRIDES else ""}')
     return read_metrics(str(run_dir / 'metrics.jsonl'))
 
 
