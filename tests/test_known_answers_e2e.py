@@ -19,7 +19,8 @@ files assigned to domains by a seeded random draw:
   nats of 1/4 at every check.
 - planted: three random thirds of the stdlib plus one domain of uniformly random printable
   characters (nothing to learn beyond the unigram distribution); it must end at (at most twice) the
-  weight floor and be the lowest weight from some check on.
+  weight floor and be the lowest weight from some check on. PiKE does not meet it (an expected failure, see
+  ``PIKE_KEEPS_RANDOM_CHARACTERS``); loss-slope mixing does.
 - duplicates: one stdlib domain whose shards are written twice under two names, beside C headers
   and pydoc topics; the two copies' final weights must agree within ``DUPLICATE_BOUND`` nats.
 """
@@ -227,7 +228,15 @@ def test_null_mixture_keeps_uniform_weights(null_corpus, tmp_path, policy):
     assert deviation.max() <= NULL_BOUND
 
 
-@pytest.mark.parametrize('policy', POLICIES)
+# Not met by PiKE (README "How the weights follow the statistics"): with pools that all describe the current
+# model, random characters move once, at the untrained model's check, and their later disadvantage stays
+# inside the evidence threshold. Strict, so that a rule that does pass makes the suite fail until this goes.
+PIKE_KEEPS_RANDOM_CHARACTERS = pytest.mark.xfail(
+    strict=True, reason="after the first check PiKE's advantage for random characters stays within its 2.5 "
+                        "standard errors (their G 0.1-0.4, the text's as small and measured worse)")
+
+
+@pytest.mark.parametrize('policy', [pytest.param('pike', marks=PIKE_KEEPS_RANDOM_CHARACTERS), 'loss_slope'])
 def test_random_characters_sink_to_the_floor(planted_corpus, tmp_path, policy):
     """Three random thirds of the stdlib and uniformly random characters: the random domain ends at (at
     most twice) the floor and is the lowest weight from some check on."""

@@ -728,6 +728,37 @@ def test_pooling_forgets_a_drift_far_outside_the_errors():
         PooledStatistics(1, drift_z=0.0)
 
 
+def test_every_domain_probed_together_forgets_when_one_drifts():
+    """Domain 0's new probe lies far outside its pool's errors, domain 1's is like its earlier ones: both
+    pools forget by domain 0's factor, so that they describe the same model; without a drift anywhere both
+    decay plainly. Pairs forget by the same factor."""
+    mean, eigs = noise_model(50.0, 'flat', False)
+    rng = np.random.default_rng(7)
+    probes = [[probe_of(gaussian_chunk_means(rng, mean, eigs, 8, 4), 4) for _ in range(2)] for _ in range(5)]
+
+    def pooled_after(shift: float, drift_z: float) -> PooledStatistics:
+        pooled = PooledStatistics(2, decay=0.7, drift_z=drift_z)
+        for check, pair in enumerate(probes):
+            grads = [grad + (shift if check == len(probes) - 1 and k == 0 else 0.0)
+                     for k, (grad, _, _) in enumerate(pair)]
+            pooled.update([0, 1], grads, [v for _, v, _ in pair], np.stack([n for _, _, n in pair]), [0.0, 0.0],
+                          num_chunks=8, chunk_size=4, inner_products=np.ones((2, 2)),
+                          inner_product_sketch_var=np.zeros((2, 2)))
+        return pooled
+
+    plain = pooled_after(0.0, np.inf)
+    steady = pooled_after(0.0, 5.0)
+    assert steady.last_drift.max() < 5
+    np.testing.assert_array_equal(steady.weight, plain.weight)
+    jump = pooled_after(14 * float(np.sqrt(plain.grad_sq_var[0])), 5.0)
+    z0, z1 = jump.last_drift
+    assert 5.5 < z0 < 8 and z1 < 5
+    kept = np.exp(-(z0**2 - 25) / 2)
+    np.testing.assert_allclose(jump.weight - 1.0, (plain.weight - 1.0) * kept, rtol=1e-9)  # domain 1 too
+    assert jump.pair_weight[0, 1] - 1.0 == pytest.approx((plain.pair_weight[0, 1] - 1.0) * kept, rel=1e-9)
+    assert jump.grad_sq_norms[1] == pytest.approx(probes[-1][1][0], rel=0.05)  # mostly domain 1's latest probe
+
+
 def test_pooling_shrinks_the_standard_error_like_more_samples():
     mean, eigs = noise_model(200.0, 'decaying', False)
     rng = np.random.default_rng(3)

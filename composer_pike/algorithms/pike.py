@@ -88,7 +88,8 @@ class PiKE(Algorithm):
             remembers about ``(1 + d) / (1 - d)`` checks' worth of training, however often the
             domain is probed.
         drift_z: standard errors by which a domain's new probe must differ from its pooled G or sigma^2
-            before the pool forgets its earlier probes faster (``exp(-(z^2 - drift_z^2) / 2)``; see
+            before the pools forget their earlier probes faster (``exp(-(z^2 - drift_z^2) / 2)``, the
+            largest z among the domains probed together deciding for all; see
             :mod:`composer_pike.stats.pooling`): early in training the statistics fall several-fold
             between checks.
         score_clip: per-check cap on |log-weight change| (nats).

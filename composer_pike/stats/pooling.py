@@ -24,6 +24,15 @@ that do not move, one false alarm in about a million comparisons under Gaussian 
 Gaussian likelihood of the discrepancy relative to the threshold's, so the pool forgets smoothly, and all
 at once only for a change far outside its errors.
 
+The factor is shared: every domain probed at a check forgets by the largest z among them. The weights
+compare domains with each other, so their pools must describe the same model. Training moves every
+domain's statistics at once (after the first interval each G falls 10-50x), but a per-domain test sees
+the same fall at z = 4 in one domain and at 30 in another, depending on how well the untrained model's
+probe was measured; one domain then kept the untrained model's G in its pool for several checks
+while the others had forgotten theirs, and looked like the domain to train (one file-level split of one
+corpus: 0.25 -> 0.05 for one part, its G 20x the others' only in the pools). A domain not probed at a
+check keeps its pool until its next probe.
+
 Inner products between domains (X_jk, for PiKE's alignment terms) pool the same way per pair of domains
 probed together, the pair's earlier probes multiplied by the smaller of its two domains' factors.
 
@@ -119,7 +128,8 @@ class PooledStatistics:
         self.last_drift[index] = drift
         with np.errstate(over='ignore', invalid='ignore'):  # z = inf (no error at all) forgets the pool entirely
             excess = np.where(drift > self.drift_z, drift**2 - self.drift_z**2, 0.0)  # NaN (first probe): 0
-        keep = self.decay**elapsed * np.exp(-excess / 2.0)
+        # One memory for every domain probed together: the largest drift decides (see the module docstring).
+        keep = self.decay**elapsed * np.exp(-excess.max(initial=0.0) / 2.0)
         keep_sq = keep**2
         for name, value, factor in (
                 ('weight', 1.0, keep), ('weight_sq', 1.0, keep_sq), ('grad_sum', grad, keep),
