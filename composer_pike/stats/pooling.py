@@ -30,8 +30,8 @@ domain's statistics at once (after the first interval each G falls 10-50x), but 
 the same fall at z = 4 in one domain and at 30 in another, depending on how well the untrained model's
 probe was measured; one domain then kept the untrained model's G in its pool for several checks
 while the others had forgotten theirs, and looked like the domain to train (one file-level split of one
-corpus: 0.25 -> 0.05 for one part, its G 20x the others' only in the pools). A domain not probed at a
-check keeps its pool until its next probe.
+corpus into four parts: 0.25 -> 0.11 for one part, its G 20x the others' only in the pools; 0.05 with the
+alignment terms). A domain not probed at a check keeps its pool until its next probe.
 
 Inner products between domains (X_jk, for PiKE's alignment terms) pool the same way per pair of domains
 probed together, the pair's earlier probes multiplied by the smaller of its two domains' factors.
