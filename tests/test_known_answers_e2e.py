@@ -60,8 +60,8 @@ MAX_DOCUMENT_BYTES = 64 << 10  # leave out the few huge stdlib files, so a rando
 MIN_DOCUMENT_BYTES = 512  # and the near-empty ones (__init__.py), so every val split holds a full sample
 RANDOM_DOCUMENT_CHARS = 16 << 10
 VAL_FRACTION = 0.02
-STUDY_OVERRIDES = ([f'seed={int(os.environ["PIKE_E2E_SEED"])}'] if os.environ.get('PIKE_E2E_SEED') else []) + \
-    os.environ.get('PIKE_E2E_OVERRIDES', '').split()
+SEED_OVERRIDE = [f'seed={os.environ["PIKE_E2E_SEED"]}'] if os.environ.get('PIKE_E2E_SEED') else []
+STUDY_OVERRIDES = SEED_OVERRIDE + os.environ.get('PIKE_E2E_OVERRIDES', '').split()  # checked by the yaml schema
 
 
 # ----------------------------------------------------------------------------------------- corpora
