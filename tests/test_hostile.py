@@ -427,7 +427,7 @@ def test_credentials_never_reach_error_messages(tmp_path: Path, s3_server, good_
     failing_file = "manifest.json"
     failing_run("s3://pike-hostile-errors/manifest-fails",
                 "s3://pike-hostile-errors/manifest-fails: uploading manifest.json failed: "
-                f"Could not connect to the endpoint URL: \"http://***@")
+                "Could not connect to the endpoint URL: \"http://***@")
     monkeypatch.setattr(S3Uploader, "upload_file", original_upload)
 
     unreachable = secret_env(s3_server.endpoint_url, port=1)["S3_ENDPOINT_URL"]
