@@ -43,7 +43,7 @@ class DataConfig:
 @dataclass
 class PiKEConfig:
     check_interval: int = 100
-    first_check: Optional[int] = None    # batch of the first check (it probes every domain); None: check_interval
+    first_check: int = 0                 # batch of the first check (it probes every domain)
     estimation_batch_size: int = 64      # probe samples per probed domain per check
     num_chunks: int = 8
     domains_per_check: Optional[int] = None  # None: all domains up to 8, else 8 in rotation

@@ -176,11 +176,11 @@ def test_a_trainer_past_the_end_of_a_stop_mixture_stops_at_the_last_batch(datase
         assert int(run.trainer.state.timestamp.epoch) <= 1  # no empty epochs
 
 
-def test_checks_start_one_interval_in_by_default_and_the_first_probes_every_domain(dataset):
-    """The default first check comes after one interval, not on the untrained model; with one domain per
-    check it still measures all of them (at one time), then the least recently probed goes next."""
+def test_checks_start_at_first_check_and_the_first_probes_every_domain(dataset):
+    """With one domain per check the first check still measures all of them (at one time), then the
+    least recently probed goes next."""
     interval = 3
-    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=None, domains_per_check=1)],
+    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=3, domains_per_check=1)],
               max_duration='13ba', num_workers=0)
     assert [b for b, _ in run.series['pike/checks']] == [4, 7, 10, 13]  # checks before batches 3, 6, 9, 12
     assert run.values('pike/probed_domains') == [len(NAMES), 1.0, 1.0, 1.0]

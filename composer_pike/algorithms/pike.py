@@ -52,11 +52,9 @@ class PiKE(Algorithm):
 
     Args:
         check_interval: optimizer steps between weight updates (the paper's T0).
-        first_check: batch before which the first check runs (default ``check_interval``: after one
-            interval, not on the untrained model, where every domain's gradient points the same way and
-            PiKE's low-alignment assumption fails); checks follow every ``check_interval`` steps. The
-            first check probes every active domain, whatever ``domains_per_check``, so that no domain's
-            statistics start from an earlier model.
+        first_check: batch before which the first check runs; checks follow every
+            ``check_interval`` steps. The first check probes every active domain, whatever
+            ``domains_per_check``, so that no domain's statistics start from an earlier model.
         estimation_batch_size: probe samples per probed domain per check, over all ranks; split into
             ``num_chunks`` chunks of ``estimation_batch_size / num_chunks`` samples.
         num_chunks: chunks M per domain (>= 2).
@@ -111,7 +109,7 @@ class PiKE(Algorithm):
     def __init__(
         self,
         check_interval: int = 1000,
-        first_check: int | None = None,
+        first_check: int = 0,
         estimation_batch_size: int = 256,
         num_chunks: int = 8,
         domains_per_check: int | None = None,
@@ -138,7 +136,7 @@ class PiKE(Algorithm):
     ) -> None:
         if check_interval < 1:
             raise ValueError(f'check_interval must be >= 1, got {check_interval}')
-        if first_check is not None and first_check < 0:
+        if first_check < 0:
             raise ValueError(f'first_check must be >= 0, got {first_check}')
         if num_chunks < 2:
             raise ValueError(f'num_chunks must be >= 2 (the variance estimate needs two chunks), got {num_chunks}')
@@ -175,7 +173,7 @@ class PiKE(Algorithm):
         check_step_options(step_size=step_size, evidence_z=evidence_z, score_clip=score_clip, tau=tau,
                            max_epochs_per_domain=max_epochs_per_domain)
         self.check_interval = check_interval
-        self.first_check = check_interval if first_check is None else int(first_check)
+        self.first_check = int(first_check)
         self.estimation_batch_size = estimation_batch_size
         self.num_chunks = num_chunks
         self.domains_per_check = domains_per_check
