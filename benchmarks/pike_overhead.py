@@ -196,8 +196,9 @@ def build_trainer(args: argparse.Namespace, policy: str, callbacks: list) -> Any
                         tokenizer['pad_token_id'])
     algorithms: list[Any] = [GradientClipping(clipping_type='norm', clipping_threshold=1.0)]
     if policy == 'pike':
+        # first_check=0: the untimed warmup holds the first check (every domain), the window whole intervals
         algorithms.append(PiKE(check_interval=args.check_interval, estimation_batch_size=args.estimation_batch,
-                               num_chunks=args.num_chunks, domains_per_check=args.domains_per_check))
+                               num_chunks=args.num_chunks, domains_per_check=args.domains_per_check, first_check=0))
     return Trainer(model=model, train_dataloader=loader, algorithms=algorithms, callbacks=callbacks, loggers=[],
                    max_duration=f'{args.warmup + args.checks * args.check_interval}ba',
                    optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=1e-4),

@@ -43,12 +43,12 @@ class DataConfig:
 @dataclass
 class PiKEConfig:
     check_interval: int = 100
-    first_check: int = 0                 # batch of the first check (it probes every domain)
+    first_check: Optional[int] = None    # batch of the first check (it probes every domain); None: check_interval
     estimation_batch_size: int = 64      # probe samples per probed domain per check
     num_chunks: int = 8
     domains_per_check: Optional[int] = None  # None: all domains up to 8, else 8 in rotation
     update: str = 'evidence'             # evidence | paper (explicit zeta1/zeta2) | kkt (mixing.policy=pike_kkt)
-    alignment: bool = False              # evidence: add sum_j <grad L_j, grad L_k> to each score (needs the sketch)
+    alignment: Optional[bool] = None     # add sum_j <grad L_j, grad L_k> to scores; None: on (evidence, sketch)
     step_size: float = 0.5               # nats per check per unit of the domains' gradient signal (evidence)
     evidence_z: float = 2.5              # standard errors a score difference must exceed (evidence)
     zeta_ratio: Any = 'auto'             # zeta2/zeta1: 'auto' = b / (b + noise scale), or a number

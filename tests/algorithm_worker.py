@@ -144,9 +144,10 @@ def pike_series(logger: InMemoryLogger) -> dict[str, list[tuple[int, float]]]:
 
 def make_pike(**overrides: Any) -> PiKE:
     # evidence_z=0: every check moves the weights, which the mechanics tests need (whether weights move on
-    # evidence is tested in test_known_answers.py)
+    # evidence is tested in test_known_answers.py); first_check=0: they compare the first check's statistics
+    # with the untrained model's gradients
     kwargs = dict(check_interval=CHECK_INTERVAL, estimation_batch_size=ESTIMATION_BATCH_SIZE, num_chunks=NUM_CHUNKS,
-                  evidence_z=0.0)
+                  evidence_z=0.0, first_check=0)
     kwargs.update(overrides)
     return PiKE(**kwargs)
 

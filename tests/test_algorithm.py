@@ -176,11 +176,11 @@ def test_a_trainer_past_the_end_of_a_stop_mixture_stops_at_the_last_batch(datase
         assert int(run.trainer.state.timestamp.epoch) <= 1  # no empty epochs
 
 
-def test_checks_start_at_first_check_and_the_first_probes_every_domain(dataset):
-    """With one domain per check the first check still measures all of them (at one time), then the
-    least recently probed goes next."""
+def test_checks_start_one_interval_in_by_default_and_the_first_probes_every_domain(dataset):
+    """The default first check comes after one interval, not on the untrained model; with one domain per
+    check it still measures all of them (at one time), then the least recently probed goes next."""
     interval = 3
-    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=3, domains_per_check=1)],
+    run = fit(dataset, algorithms=[make_pike(check_interval=interval, first_check=None, domains_per_check=1)],
               max_duration='13ba', num_workers=0)
     assert [b for b, _ in run.series['pike/checks']] == [4, 7, 10, 13]  # checks before batches 3, 6, 9, 12
     assert run.values('pike/probed_domains') == [len(NAMES), 1.0, 1.0, 1.0]
@@ -633,13 +633,16 @@ def test_evidence_updates_follow_the_logged_statistics(dataset):
 
 
 def test_alignment_terms_come_from_the_pooled_inner_products(dataset, reference):
-    """alignment=True: each check logs the pooled inner products of every pair and, per domain,
-    alignment_terms of them; the probe is the same as without (same G's), the advantages differ."""
+    """The default (alignment on with update='evidence'): each check logs the pooled inner products of every
+    pair and, per domain, alignment_terms of them; the probe is the same as without (same G's), the
+    advantages differ."""
     from composer_pike.weights import alignment_terms
 
-    run = fit(dataset, algorithms=[make_pike(check_interval=1, alignment=True)], max_duration='2ba')
+    assert PiKE().alignment and not PiKE(update='kkt').alignment and not PiKE(conflict_sketch_size=0).alignment
+    run = reference
+    plain = fit(dataset, algorithms=[make_pike(check_interval=1, alignment=False)], max_duration='2ba')
     np.testing.assert_allclose(logged(run, ('grad_sq_norm',), 0)['grad_sq_norm'],
-                               reference.stats_at_first_check()['grad_sq_norm'], rtol=1e-9)
+                               plain.stats_at_first_check()['grad_sq_norm'], rtol=1e-9)
     for check in range(2):
         inner, inner_var = np.zeros((len(NAMES),) * 2), np.zeros((len(NAMES),) * 2)
         for j, a in enumerate(NAMES):
@@ -651,7 +654,7 @@ def test_alignment_terms_come_from_the_pooled_inner_products(dataset, reference)
         at = logged(run, ('alignment', 'alignment_se'), check)
         np.testing.assert_allclose(at['alignment'], terms, rtol=1e-9)
         np.testing.assert_allclose(at['alignment_se'], np.sqrt(terms_var), rtol=1e-9)
-    assert not np.allclose(logged(run, ('advantage',), 0)['advantage'], logged(reference, ('advantage',), 0)['advantage'])
+    assert not np.allclose(logged(run, ('advantage',), 0)['advantage'], logged(plain, ('advantage',), 0)['advantage'])
 
 
 def test_paper_mode_is_algorithm_1_on_pooled_statistics(dataset):

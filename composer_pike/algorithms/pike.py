@@ -52,9 +52,11 @@ class PiKE(Algorithm):
 
     Args:
         check_interval: optimizer steps between weight updates (the paper's T0).
-        first_check: batch before which the first check runs; checks follow every
-            ``check_interval`` steps. The first check probes every active domain, whatever
-            ``domains_per_check``, so that no domain's statistics start from an earlier model.
+        first_check: batch before which the first check runs (default ``check_interval``: after one
+            interval, not on the untrained model, where every domain's gradient points the same way and
+            PiKE's low-alignment assumption fails); checks follow every ``check_interval`` steps. The
+            first check probes every active domain, whatever ``domains_per_check``, so that no domain's
+            statistics start from an earlier model.
         estimation_batch_size: probe samples per probed domain per check, over all ranks; split into
             ``num_chunks`` chunks of ``estimation_batch_size / num_chunks`` samples.
         num_chunks: chunks M per domain (>= 2).
@@ -72,7 +74,8 @@ class PiKE(Algorithm):
             score becomes the descent of the whole objective per unit of its weight, its own
             ``y_k G_k`` plus ``sum_j y_j <grad L_j, grad L_k>`` over the other domains, from the pooled
             inner products of the gradient sketch (needs ``conflict_sketch_size`` > 0; pairs of domains
-            never probed together contribute nothing). Algorithm 1 drops them (low conflict).
+            never probed together contribute nothing). Algorithm 1 drops them (low conflict). Default
+            (``None``): on with ``update='evidence'`` and the sketch, off otherwise.
         step_size: nats of log-weight per check for a domain whose score exceeds the mixture's by
             the domains' gradient signal (``update='evidence'``; see
             :func:`composer_pike.weights.evidence_scores`).
@@ -109,12 +112,12 @@ class PiKE(Algorithm):
     def __init__(
         self,
         check_interval: int = 1000,
-        first_check: int = 0,
+        first_check: int | None = None,
         estimation_batch_size: int = 256,
         num_chunks: int = 8,
         domains_per_check: int | None = None,
         update: str = 'evidence',
-        alignment: bool = False,
+        alignment: bool | None = None,
         step_size: float = 0.5,
         evidence_z: float = 2.5,
         zeta_ratio: float | str = 'auto',
@@ -136,7 +139,7 @@ class PiKE(Algorithm):
     ) -> None:
         if check_interval < 1:
             raise ValueError(f'check_interval must be >= 1, got {check_interval}')
-        if first_check < 0:
+        if first_check is not None and first_check < 0:
             raise ValueError(f'first_check must be >= 0, got {first_check}')
         if num_chunks < 2:
             raise ValueError(f'num_chunks must be >= 2 (the variance estimate needs two chunks), got {num_chunks}')
@@ -147,6 +150,8 @@ class PiKE(Algorithm):
             raise ValueError(f'domains_per_check must be >= 1 or None, got {domains_per_check}')
         if update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+        if alignment is None:
+            alignment = update == 'evidence' and conflict_sketch_size > 0
         if alignment and update != 'evidence':
             raise ValueError(f"alignment=True is an option of update='evidence', got update={update!r}")
         if alignment and conflict_sketch_size < 1:
@@ -173,7 +178,7 @@ class PiKE(Algorithm):
         check_step_options(step_size=step_size, evidence_z=evidence_z, score_clip=score_clip, tau=tau,
                            max_epochs_per_domain=max_epochs_per_domain)
         self.check_interval = check_interval
-        self.first_check = int(first_check)
+        self.first_check = check_interval if first_check is None else int(first_check)
         self.estimation_batch_size = estimation_batch_size
         self.num_chunks = num_chunks
         self.domains_per_check = domains_per_check
