@@ -42,7 +42,7 @@ NUM_BATCHES = 8
 CHECK_INTERVAL = 2
 ESTIMATION_BATCH_SIZE = 16
 NUM_CHUNKS = 4
-EXACT_SKETCH_SIZE = 1 << 18  # gradient sketch buckets: more than the test model's coordinates, so the sketch is exact
+EXACT_SKETCH_SIZE = 1 << 18  # conflict_sketch_size: more than the test model's coordinates, so the sketch is exact
 
 
 def write_data(root: str | os.PathLike, sizes: Sequence[int] = DOMAIN_SIZES) -> list[str]:
