@@ -146,7 +146,7 @@ def pike_series(logger: InMemoryLogger) -> dict[str, list[tuple[int, float]]]:
 def make_pike(**overrides: Any) -> PiKE:
     # evidence_z=0: every check moves the weights, which the mechanics tests need (whether weights move on
     # evidence is tested in test_known_answers.py); first_check=0: they compare the first check's statistics
-    # with the untrained model's gradients; an exact gradient sketch (more buckets than the model's 0.16M
+    # with the untrained model's gradients; an exact gradient sketch (conflict_sketch_size above the model's 0.16M
     # coordinates): the alignment terms then match across layouts up to float rounding, where a folded sketch
     # folds one process's and each FSDP2 shard's coordinates differently (equal in expectation, not digit for
     # digit; the folding is tested in test_stats.py)
