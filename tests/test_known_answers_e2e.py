@@ -5,7 +5,7 @@ in :mod:`test_loss_slope`).
 
 The model, optimizer, batch and check sizes (check_interval, estimation_batch_size, num_chunks) are
 ``yamls/demo_cpu.yaml``'s; no other ``mixing.pike`` or ``mixing.loss_slope`` key is set. Runs are shortened to ``STEPS`` steps
-(at least 12 checks) and held-out evaluation is reduced to one batch at the end.
+(at least 11 checks) and held-out evaluation is reduced to one batch at the end.
 
 Two environment variables repeat the runs for a study, never in CI: ``PIKE_E2E_SEED`` sets the
 training seed (model, data order and probe order; default the yaml's), and ``PIKE_E2E_OVERRIDES``
