@@ -398,15 +398,20 @@ def test_a_missing_domain_directory_is_named(data_dirs, tmp_path):
         MixtureDataset(sources)
 
 
-def test_a_shard_that_does_not_match_its_hash_is_refused_with_the_domain_named(data_dirs, tmp_path):
+def test_a_local_shard_that_does_not_match_its_hash_is_refused_with_the_domain_named(data_dirs, tmp_path):
+    """Local shards are checked at build time against ``validate_hash``; ``None`` (the YAML's null) skips it."""
     corrupt = tmp_path / 'news'
     shutil.copytree(data_dirs[1], corrupt)
     shard = corrupt / shard_files(data_dirs[1])[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="'news'"):
-        MixtureDataset([DomainSource('web', data_dirs[0]), DomainSource('news', str(corrupt))])
+    sources = [DomainSource('web', data_dirs[0]), DomainSource('news', str(corrupt))]
+    with pytest.raises(ValueError, match=f"'news': shard {shard} does not match its xxh64 hash"):
+        MixtureDataset(sources, validate_hash='xxh64')
+    with pytest.raises(ValueError, match=r"'web': shard .* records no sha1 hash \(it has \['xxh64'\]\)"):
+        MixtureDataset(sources, validate_hash='sha1')
+    assert MixtureDataset(sources, validate_hash=None).domain_names == ['web', 'news']
 
 
 def test_domains_with_different_seq_len_are_refused(data_dirs, tmp_path):

@@ -37,7 +37,7 @@ class MixtureDataset(Dataset):
     Args:
         sources: one :class:`DomainSource` per domain, in mixing order.
         validate_hash: hash checked on every shard download from a remote (streaming's
-            ``validate_hash``), and on local shards at build time when ``verify_local=True``.
+            ``validate_hash``), and on local shards at build time when ``verify_local=True``; None: no check.
         download_retry / download_timeout: attempts per remote file (each also retried by the S3 client)
             and seconds per download; a download failing its hash is fetched again, up to download_retry times.
         verify_local: hash-check local shards (no remote) once at build time.
@@ -82,8 +82,8 @@ class MixtureDataset(Dataset):
         for source, stream in zip(self.sources, streams):
             if source.remote is None:
                 index = read_local_index(source)
-                if verify_local:
-                    verify_local_shards(source, index)
+                if verify_local and validate_hash:
+                    verify_local_shards(source, index, validate_hash)
             try:  # reads (for a remote: fetches) the index only, so that its failures name the domain
                 shards = stream.get_shards(world, allow_unsafe_types=True)  # nothing is decoded here
             except Exception as error:

@@ -34,22 +34,24 @@ def read_local_index(source: DomainSource) -> dict[str, Any]:
         return json.load(f)
 
 
-def verify_local_shards(source: DomainSource, index: dict[str, Any]) -> None:
-    """Check every local shard file against the hashes its index.json records."""
+def verify_local_shards(source: DomainSource, index: dict[str, Any], algorithm: str) -> None:
+    """Check every local shard file of ``source`` against the ``algorithm`` hash its index.json records."""
     from streaming.base.hashing import get_hash
     for shard in index['shards']:
         for key in ('raw_data', 'zip_data'):
             info = shard.get(key)
-            if not info or not info.get('hashes'):
+            if not info:
                 continue
             path = os.path.join(source.local, info['basename'])
             if not os.path.isfile(path):
                 continue
+            recorded = info.get('hashes') or {}
+            if algorithm not in recorded:
+                raise ValueError(f"domain '{source.name}': shard {path} records no {algorithm} hash (it has "
+                                 f"{sorted(recorded)}); set validate_hash to one of them, or null to skip the check")
             with open(path, 'rb') as f:
-                data = f.read()
-            for algo, expected in info['hashes'].items():
-                if get_hash(algo, data) != expected:
-                    raise ValueError(f"domain '{source.name}': shard {path} does not match its {algo} hash")
+                if get_hash(algorithm, f.read()) != recorded[algorithm]:
+                    raise ValueError(f"domain '{source.name}': shard {path} does not match its {algorithm} hash")
 
 
 def seq_len_of(shard: Any) -> int | None:
