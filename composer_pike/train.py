@@ -42,9 +42,9 @@ class DataConfig:
 
 @dataclass
 class PiKEConfig:
-    check_interval: int = 100
+    check_interval: int = 1000           # the paper's T0 (every default here is composer_pike.PiKE's)
     first_check: Optional[int] = None    # batch of the first check (it probes every domain); None: check_interval
-    estimation_batch_size: int = 64      # probe samples per probed domain per check
+    estimation_batch_size: int = 256     # probe samples per probed domain per check (the paper's)
     num_chunks: int = 8
     domains_per_check: Optional[int] = None  # None: all domains up to 8, else 8 in rotation
     update: str = 'evidence'             # evidence | paper (explicit zeta1/zeta2) | kkt (mixing.policy=pike_kkt)

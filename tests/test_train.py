@@ -1,6 +1,8 @@
 """The YAML training entry point: schema validation, the shipped yamls, policies, loggers, end-to-end runs,
 autoresume from a local folder and from s3:// (moto), and two FSDP2 processes through the composer launcher."""
+import dataclasses
 import glob
+import inspect
 import json
 import multiprocessing
 import os
@@ -14,10 +16,10 @@ import pytest
 from composer import Callback
 from mds_helpers import write_domain
 
-from composer_pike.algorithms import LossSlope
+from composer_pike.algorithms import LossSlope, PiKE
 from composer_pike.policies import POLICIES, plan_policy, temperature_weights
-from composer_pike.train import (ConfigError, build_loggers, check_machine, load_config, loss_slope_options, main,
-                                 pike_options, train)
+from composer_pike.train import (ConfigError, LossSlopeConfig, PiKEConfig, build_loggers, check_machine, load_config,
+                                 loss_slope_options, main, pike_options, train)
 from launch_helpers import free_port
 from test_data import with_private_shm
 
@@ -36,6 +38,17 @@ TINY = ['data.global_batch_size=8', 'data.num_workers=2', 'data.eval_batch_size=
 
 
 # ------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize('config, algorithm', [(PiKEConfig, PiKE), (LossSlopeConfig, LossSlope)])
+def test_yaml_defaults_are_the_algorithms(config, algorithm):
+    """``mixing.pike`` and ``mixing.loss_slope`` default every key to the Algorithm's own default, so a YAML run
+    and a Python run of the same algorithm agree (README documents one set)."""
+    parameters = inspect.signature(algorithm).parameters
+    for field in dataclasses.fields(config):
+        assert field.name in parameters, f'{config.__name__}.{field.name} is not an argument of {algorithm.__name__}'
+        assert field.default == parameters[field.name].default, (field.name, field.default,
+                                                                 parameters[field.name].default)
 
 
 @pytest.mark.parametrize('path', YAMLS, ids=os.path.basename)
