@@ -14,7 +14,8 @@ from composer.utils import dist
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_pike.data import MixtureDataset
-from composer_pike.stats import GradientStatistics, GradientStatsAccumulator, gradient_layout, gradient_sum_factor
+from composer_pike.stats import (GradientStatistics, GradientStatsAccumulator, gradient_layout, gradient_replicas,
+                                 gradient_sum_factor)
 
 
 def probe_gradients(
@@ -55,7 +56,7 @@ def _chunk_passes(state: State, mixture: MixtureDataset, domains: np.ndarray, es
     params = [p for p in model.parameters() if p.requires_grad]
     accumulator = GradientStatsAccumulator(
         params, len(domains), chunk_size=chunk_size, conflict_sketch_size=conflict_sketch_size,
-        seed=int(state.timestamp.batch), layout=gradient_layout(model))
+        seed=int(state.timestamp.batch), layout=gradient_layout(model), replicas=gradient_replicas(model))
     loss_sums = torch.zeros(len(domains), dtype=torch.float64)
     for slot, domain in enumerate(domains):
         batch = mixture.probe_batch(int(domain), estimation_batch_size, num_chunks, rank, world_size)

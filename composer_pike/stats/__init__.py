@@ -7,6 +7,7 @@ from composer_pike.stats.accumulator import (
     GradientStatistics,
     GradientStatsAccumulator,
     gradient_layout,
+    gradient_replicas,
     gradient_sum_factor,
     local_gradient,
 )
@@ -23,6 +24,7 @@ from composer_pike.stats.pooling import PooledStatistics
 
 __all__ = [
     'LAYOUTS', 'GradientStatistics', 'GradientStatsAccumulator', 'LossTrend', 'PooledStatistics', 'cosine_intervals',
-    'estimate_from_sums', 'estimator_variances', 'gradient_layout', 'gradient_sum_factor', 'inner_product_variances',
+    'estimate_from_sums', 'estimator_variances', 'gradient_layout', 'gradient_replicas',
+    'gradient_sum_factor', 'inner_product_variances',
     'local_gradient', 'mean_log_samples', 'noise_shape_evidence', 'pairwise_cosines',
 ]

@@ -31,6 +31,7 @@ the cosine consistent, not unbiased.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -42,6 +43,7 @@ from torch.distributed.tensor import DTensor
 from composer_pike.stats.estimators import estimate_from_sums, pairwise_cosines
 
 LAYOUTS = ("replicated", "sharded")
+HYBRID_STRATEGIES = (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2)
 
 
 def _largest_prime_at_most(number: int) -> int:
@@ -86,6 +88,26 @@ def gradient_layout(model: torch.nn.Module) -> str:
     if any(isinstance(param, DTensor) for param in model.parameters()):
         return "sharded"
     return "replicated"
+
+
+def gradient_replicas(model: torch.nn.Module) -> int:
+    """How many ranks hold each coordinate of a sharded gradient: the replica groups of hybrid sharding.
+
+    FSDP1 HYBRID_SHARD (and _HYBRID_SHARD_ZERO2) shards within ``process_group`` and replicates across
+    the world / its size groups; FSDP2 on a 2-D mesh (HSDP) replicates over its Replicate mesh
+    dimensions. Every replica holds the same averaged shard, so a sum of per-rank partial sums over the
+    world counts each coordinate this many times. 1 without a process group or for plain sharding.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel) and module.sharding_strategy in HYBRID_STRATEGIES:
+            return dist.get_world_size() // module.process_group.size()
+    param = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    if param is None:
+        return 1
+    return math.prod(param.device_mesh.size(mesh_dim) for mesh_dim, placement in enumerate(param.placements)
+                     if placement.is_replicate())
 
 
 def gradient_sum_factor(model: torch.nn.Module) -> int:
@@ -149,6 +171,8 @@ class GradientStatsAccumulator:
         seed: seeds the sketch signs; must be the same on every rank.
         layout: 'sharded' if each rank holds a disjoint part of the gradient (FSDP), else
             'replicated'; see ``gradient_layout``.
+        replicas: ranks of the all-reduce group that hold each coordinate of a sharded gradient (hybrid
+            sharding; see ``gradient_replicas``): finalize divides the all-reduced sums by it.
     """
 
     def __init__(
@@ -160,6 +184,7 @@ class GradientStatsAccumulator:
         conflict_sketch_size: int = 0,
         seed: int = 0,
         layout: str = "replicated",
+        replicas: int = 1,
     ) -> None:
         if num_domains < 1 or chunk_size < 1 or conflict_sketch_size < 0:
             raise ValueError(
@@ -168,7 +193,10 @@ class GradientStatsAccumulator:
             )
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.num_domains = num_domains
+        self.replicas = replicas
         self.chunk_size = chunk_size
         self.conflict_sketch_size = conflict_sketch_size
         self.layout = layout
@@ -302,7 +330,7 @@ class GradientStatsAccumulator:
         """Combine all domains into ``GradientStatistics`` and reset for the next probe.
 
         With layout 'sharded' and torch.distributed initialised, the local partial sums are
-        added across ``process_group`` (the shard group; None = world) by one all-reduce.
+        added across ``process_group`` (None = world) by one all-reduce, divided by ``replicas``.
         """
         missing = [k for k in range(self.num_domains) if k not in self._sum_sq_norms]
         if self._current_domain is not None or missing:
@@ -329,6 +357,7 @@ class GradientStatsAccumulator:
         packed = torch.cat(partial_sums)
         if self.layout == "sharded" and dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+            packed = packed / self.replicas  # hybrid sharding: every replica added the same shard
         packed = packed.cpu()
 
         num_domains = self.num_domains
