@@ -245,12 +245,13 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
               'window_steps': last - first, 'peak_bytes': peak, 'num_params': sum(p.numel() for p in params),
               'grad_bytes': sum(p.numel() * p.element_size() for p in params)}  # one process: the whole gradient
     if args.worker == 'pike':
-        checks = len(range(0, last + 1, args.check_interval))
-        train_forwards = last + 1  # one forward per training step (no training microbatches)
+        window = {key: after[key] - before.get(key, 0.0) for key in after}
         result.update({
-            'window': {key: after[key] - before.get(key, 0.0) for key in after},
+            'window': window,
             'first_check_s': before['pike_apply'],  # steps 0 .. warmup-1 hold only the first check
-            'probe_fwd_bwd_per_check': (after['forward_calls'] - train_forwards) / checks,
+            # the window's own checks (the first check, which probes every domain, is in the warmup);
+            # one training forward per step (no training microbatches)
+            'probe_fwd_bwd_per_check': (window['forward_calls'] - (last - first)) / args.checks,
         })
     return result
 
