@@ -9,6 +9,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
+from composer_pike.algorithms.common import find_mixture
+
 
 class DomainEvalSummary(Callback):
     """After all evaluators ran, log the average and the worst held-out loss over ``val_<domain>`` evaluators.
@@ -76,7 +78,7 @@ class MixtureMonitor(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
         if step % self.interval == 0 or step == 1:
-            mixture = self._mixture(state)
+            mixture = find_mixture(state, 'MixtureMonitor')
             weights, counts, epochs = mixture.weights_at(step), mixture.counts_at(step), mixture.domain_epochs()
             metrics = {}
             for k, name in enumerate(mixture.domain_names):
@@ -84,14 +86,6 @@ class MixtureMonitor(Callback):
                 metrics[f'mixture/batch_count/{name}'] = float(counts[k])
                 metrics[f'mixture/epochs/{name}'] = float(epochs[k])
             logger.log_metrics(metrics)
-
-    @staticmethod
-    def _mixture(state: State):
-        from composer_pike.data import MixtureDataset
-        dataset = getattr(state.train_dataloader, 'dataset', None)
-        if not isinstance(dataset, MixtureDataset):
-            raise TypeError('MixtureMonitor needs a train dataloader from composer_pike.data.build_mixture_dataloader')
-        return dataset
 
 
 class RestoreRngState(Callback):

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from streaming_prep.errors import PrepError, describe, safe_line
 from streaming_prep.pipeline import prepare
+from streaming_prep.readers import DECODE_POLICIES
 
 PROG = "pike-prep"
 OPTION_KEYS = (
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--hashes", help="comma-separated shard hashes (default xxh64; 'none' for no hashes)")
     add("--size-limit", help="shard size limit in bytes before compression, e.g. 67108864 or 64mb (default)")
     add("--text-field", help="JSONL field / Parquet or Arrow column holding the text (default 'text')")
-    add("--decode-errors", choices=("replace", "skip", "fail"),
+    add("--decode-errors", choices=DECODE_POLICIES,
         help="invalid UTF-8: replace with U+FFFD (default), skip the document, or fail")
     add("--workers", type=int, help="parallel processes (default: min(number of domains, CPU count))")
     add("--overwrite", action="store_true", default=None, help="replace a non-empty output location")

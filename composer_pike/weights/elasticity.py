@@ -9,7 +9,7 @@ from numpy.typing import ArrayLike
 
 from composer_pike.weights._checks import (_active_mask, _non_finite_reason, _non_negative, _positive, _same_shape,
                                            _vector)
-from composer_pike.weights.evidence import EvidenceScores
+from composer_pike.weights.evidence import EvidenceScores, soft_threshold
 
 
 def elasticity_scores(
@@ -57,5 +57,5 @@ def elasticity_scores(
     share = np.where(mask, mix, 1.0) * signal
     advantage = np.where(mask, coefficients * values / share - 1.0, 0.0)
     advantage_se = np.where(mask, coefficients * errors / share, 0.0)
-    shrunk = np.sign(advantage) * np.maximum(np.abs(advantage) - evidence_z * advantage_se, 0.0)
+    shrunk = soft_threshold(advantage, advantage_se, evidence_z)
     return EvidenceScores(step_size * shrunk, advantage, advantage_se, evidence_z, "")

@@ -79,6 +79,12 @@ class EvidenceScores:
     alignment_se: FloatArray | None = None
 
 
+def soft_threshold(values: FloatArray, standard_errors: FloatArray, critical: float) -> FloatArray:
+    """``sign(d) max(0, |d| - critical se)``: a difference within ``critical`` standard errors moves nothing,
+    a larger one moves by its excess."""
+    return np.sign(values) * np.maximum(np.abs(values) - critical * standard_errors, 0.0)
+
+
 def precision_shares(variances: ArrayLike, active: NDArray[np.bool_]) -> FloatArray:
     """Weights ``p_j ~ 1 / (V_j + median V)`` over the active domains, summing to 1 (0 elsewhere).
 
@@ -139,7 +145,8 @@ def evidence_scores(
     of the domains (weighted by how well they are measured, not by the current weights: with the
     mixture's signal as the scale, weight piled on a domain whose G had since fallen to noise made S
     unmeasurable and froze the weights there). No update (scores 0, ``reason`` set) when a statistic
-    is non-finite or S is not ``evidence_z`` standard errors above 0 (no gradient to follow).
+    is non-finite or S is not ``critical`` (``evidence_z``, Student-t corrected) standard errors above 0
+    (no gradient to follow).
     """
     grad, variance = _statistics(grad_sq_norms, per_sample_variances)
     grad_var, variance_var, covariance = (_vector(name, value) for name, value in (
@@ -193,5 +200,5 @@ def evidence_scores(
     # Var(u_k - sum_j s_j u_j) for independent domains: (1 - 2 s_k) V_k + sum_j s_j^2 V_j
     relative_se = np.where(mask, np.sqrt(np.maximum(
         (1.0 - 2.0 * shares) * score_var + np.sum(shares**2 * score_var), 0.0)), 0.0)
-    shrunk = np.sign(relative) * np.maximum(np.abs(relative) - critical * relative_se, 0.0)
+    shrunk = soft_threshold(relative, relative_se, critical)
     return EvidenceScores(step_size * shrunk / signal, relative / signal, relative_se / signal, critical, "", **terms)
