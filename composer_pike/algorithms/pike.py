@@ -104,7 +104,9 @@ class PiKE(Algorithm):
             into the weight cap (needs ``max_duration`` in ba, sp, tok or ep).
         conflict_threshold: warn when the 95% interval of a cosine between two domains' gradients
             lies below this (PiKE assumes low gradient conflict).
-        conflict_sketch_size: coordinates sampled per domain for the conflict monitor (0 = off).
+        conflict_sketch_size: floats per domain of the signed count sketch of its probe gradient, behind
+            the conflict monitor's cosines and the alignment terms (0 = off; exact when it covers a rank's
+            gradient coordinates).
         probe_microbatch_size: per-rank samples per probe forward/backward; default: the trainer's
             device_train_microbatch_size (or the whole per-rank chunk).
     """
