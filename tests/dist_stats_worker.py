@@ -1,11 +1,11 @@
 """Multi-process check of composer_pike.stats under FSDP2, FSDP1 and DDP (gloo, CPU).
 
 Run as ``python -m torch.distributed.run --nproc_per_node 2 tests/dist_stats_worker.py OUT_DIR [DEVICE]``;
-every rank writes ``OUT_DIR/rank{r}.json``. On 4 processes it checks hybrid sharding instead: FSDP1
-HYBRID_SHARD in two shard groups of 2 ranks (two replicas), and FSDP2 on a 2 x 2 mesh (HSDP: its
-replica count only, as FSDP2's HSDP all-reduce uses ReduceOp.AVG, which gloo refuses). DEVICE is ``cpu`` (gloo, the default) or ``cuda`` (nccl,
-one GPU per rank: benchmarks/gpu_check.sh). tests/test_stats.py imports ``build_model`` and
-``collect_probe`` from here to compute the single-process reference on the same data.
+every rank writes ``OUT_DIR/rank{r}.json``. DEVICE is ``cpu`` (gloo, the default) or ``cuda`` (nccl, one
+GPU per rank: benchmarks/gpu_check.sh). On 4 processes it checks hybrid sharding instead: FSDP1
+HYBRID_SHARD in two shard groups of 2 ranks (two replicas), and FSDP2 on a 2 x 2 mesh (HSDP; its replica
+count only: FSDP2's HSDP all-reduce uses ReduceOp.AVG, which gloo refuses). tests/test_stats.py imports
+``build_model`` and ``collect_probe`` from here to compute the single-process reference on the same data.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def collect_probe(
 def hybrid_groups(shard_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(this rank's shard group, its replicate group): consecutive ranks shard, strided ranks replicate."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    shard_groups = [dist.new_group(list(range(start, start + shard_size))) for start in range(0, world_size, shard_size)]
+    shard_groups = [dist.new_group(list(range(start, start + shard_size)))
+                    for start in range(0, world_size, shard_size)]
     replicate_groups = [dist.new_group(list(range(offset, world_size, shard_size))) for offset in range(shard_size)]
     return shard_groups[rank // shard_size], replicate_groups[rank % shard_size]
 
