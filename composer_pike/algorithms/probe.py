@@ -57,7 +57,8 @@ def _chunk_passes(state: State, mixture: MixtureDataset, domains: np.ndarray, es
     accumulator = GradientStatsAccumulator(
         params, len(domains), chunk_size=chunk_size, conflict_sketch_size=conflict_sketch_size,
         seed=int(state.timestamp.batch), layout=gradient_layout(model), replicas=gradient_replicas(model))
-    loss_sums = torch.zeros(len(domains), dtype=torch.float64)
+    # on the device: adding a loss there needs no host synchronisation per micro-batch
+    loss_sums = torch.zeros(len(domains), dtype=torch.float64, device=state.device._device)
     for slot, domain in enumerate(domains):
         batch = mixture.probe_batch(int(domain), estimation_batch_size, num_chunks, rank, world_size)
         batch = state.device.batch_to_device(batch)
@@ -72,17 +73,14 @@ def _chunk_passes(state: State, mixture: MixtureDataset, domains: np.ndarray, es
                     loss = loss_owner.loss(outputs, rows)
                 share = len(rows['input_ids']) / rank_chunk
                 (loss * share * loss_scale).backward()
-                loss_sums[slot] += float(loss.detach()) * share
+                loss_sums[slot] += loss.detach().double() * share
             accumulator.add_chunk()
         accumulator.end_domain()
     model.zero_grad(set_to_none=True)
     statistics = accumulator.finalize()
-    probe_losses = loss_sums / num_chunks
     if world_size > 1:
-        probe_losses = probe_losses.to(state.device._device)
-        dist.all_reduce(probe_losses)
-        probe_losses = probe_losses.cpu() / world_size
-    return statistics, probe_losses.numpy()
+        dist.all_reduce(loss_sums)
+    return statistics, (loss_sums / (num_chunks * world_size)).cpu().numpy()
 
 
 def _device_microbatch(state: State) -> int | None:
