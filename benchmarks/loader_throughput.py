@@ -180,7 +180,7 @@ def bench_s3(dirs: list[str], args, workdir: str) -> dict:
 
 
 def bench_planner(num_domains: int = 256, batch: int = 512, steps: int = 2000) -> dict:
-    from composer_pike.planner import MixturePlanner
+    from composer_pike.data.planner import MixturePlanner
 
     rng = np.random.default_rng(0)
     sizes = rng.integers(200, 2000, size=num_domains)
@@ -209,7 +209,7 @@ def bench_sampler_schedule(num_domains: int = 256, batch: int = 512, entries=(1,
     schedule is filled directly to stand for such a run.
     """
     from composer_pike.data import MixtureBatchSampler
-    from composer_pike.planner import MixturePlanner
+    from composer_pike.data.planner import MixturePlanner
 
     class Sized:
         def __len__(self) -> int:

@@ -31,7 +31,7 @@ import composer_pike.algorithms.probe as probe_module
 from composer_pike.algorithms import LossSlope, PiKE
 from composer_pike.algorithms.conflicts import conflict_report
 from composer_pike.data import MixtureDataset, loader_lookahead
-from composer_pike.planner import validate_weights
+from composer_pike.data.planner import validate_weights
 from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

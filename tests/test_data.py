@@ -29,7 +29,7 @@ import torch
 
 from composer_pike.data import (DomainSource, MixtureDataset, build_mixture_dataloader, read_manifest,
                                 sources_from_manifest)
-from composer_pike.planner import MixturePlanner
+from composer_pike.data.planner import MixturePlanner
 from launch_helpers import free_port
 from mds_helpers import sample_tokens, write_domain, write_domains
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from composer_pike.planner import MixturePlanner, shard_block_order
+from composer_pike.data.planner import MixturePlanner, shard_block_order
 
 
 def largest_remainder_oracle(weights, total):

@@ -1,4 +1,4 @@
-"""The PiKE probe's own per-domain order (composer_pike.probe_order) and MixtureDataset.probe_batch over it.
+"""The PiKE probe's own per-domain order (composer_pike.data.probe_order) and MixtureDataset.probe_batch over it.
 
 The bijection and the cursors are checked on their own; the dataset tests run on small real MDS
 domains (tests/mds_helpers.py), whose tokens tell which (domain, sample) a row holds.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from composer_pike.data import DomainSource, MixtureDataset, build_mixture_dataloader
-from composer_pike.probe_order import ProbeOrder, pass_keys, permute
+from composer_pike.data.probe_order import ProbeOrder, pass_keys, permute
 from mds_helpers import sample_tokens, write_domains
 
 SIZES = [45, 12, 7]  # shards of 10 samples; 64 // 8 = 8 steps per loader epoch

@@ -6,7 +6,7 @@ Layout of the pieces (all in the main process unless stated):
   domain (each with its own local cache directory); item ``(domain, index)`` reads one packed
   sequence by random access (in DataLoader workers). It is also the handle the PiKE algorithm and
   Composer talk to: ``set_weights``, ``state_dict``/``load_state_dict``, ``probe_batch`` (which reads
-  each domain in a probe order of its own, :class:`composer_pike.probe_order.ProbeOrder`).
+  each domain in a probe order of its own, :class:`composer_pike.data.probe_order.ProbeOrder`).
 * :class:`MixtureBatchSampler` - asks the planner for global batches, keeps a snapshot of the
   planner before every planned step, and yields this rank's slice.
 * :class:`MixtureDataLoader` - a DataLoader that counts the batches it has handed to the trainer,

@@ -14,8 +14,8 @@ from composer_pike.data.shared_memory import open_streaming_dataset
 from composer_pike.data.streams import (VerifiedStream, check_safe_columns, read_local_index, seq_len_of,
                                         verify_local_shards)
 from composer_pike.data.tokens import TokenReader, check_token_column
-from composer_pike.planner import MixturePlanner
-from composer_pike.probe_order import ProbeOrder
+from composer_pike.data.planner import MixturePlanner
+from composer_pike.data.probe_order import ProbeOrder
 
 if TYPE_CHECKING:
     from composer_pike.data.sampler import MixtureBatchSampler
@@ -240,7 +240,7 @@ class MixtureDataset(Dataset):
         """This rank's share of ``num_samples`` samples of ``domain``, as ``num_chunks`` consecutive chunks.
 
         The samples are the next ``num_samples`` of the domain's probe order (see
-        :mod:`composer_pike.probe_order`): a fresh pseudo-random permutation of the domain per pass,
+        :mod:`composer_pike.data.probe_order`): a fresh pseudo-random permutation of the domain per pass,
         keyed by the loader's seed, the domain and the pass, so no sample repeats within a pass and
         the choice depends neither on training progress nor on timing. Every call advances the
         domain's probe cursor by ``num_samples``, the global count, whatever ``rank`` (the cursors

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from composer_pike.data.dataset import MixtureDataset, collate_samples
 from composer_pike.data.sampler import MixtureBatchSampler
-from composer_pike.planner import MixturePlanner
-from composer_pike.probe_order import ProbeOrder
+from composer_pike.data.planner import MixturePlanner
+from composer_pike.data.probe_order import ProbeOrder
 
 log = logging.getLogger(__name__)
 

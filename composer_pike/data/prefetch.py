@@ -8,7 +8,7 @@ from concurrent.futures import wait as futures_wait
 import numpy as np
 
 from composer_pike.data.dataset import MixtureDataset
-from composer_pike.planner import MixturePlanner
+from composer_pike.data.planner import MixturePlanner
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from composer_pike.data.dataset import MixtureDataset
 from composer_pike.data.prefetch import ShardPrefetcher
-from composer_pike.planner import MixturePlanner, PlannedBatch
+from composer_pike.data.planner import MixturePlanner, PlannedBatch
 
 
 class MixtureBatchSampler(DistributedSampler):
