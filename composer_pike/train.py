@@ -158,6 +158,7 @@ OPTIONAL_LOGGERS = {'wandb': ('WandBLogger', 'wandb'), 'mlflow': ('MLFlowLogger'
                     'tensorboard': ('TensorboardLogger', 'tensorboard')}
 DURATION_KEYS = ('trainer.max_duration', 'trainer.eval_interval', 'trainer.save_interval',
                  'trainer.console_log_interval', 'optimizer.warmup')
+TOKENIZER_KEYS = ('vocab_size', 'eos_token_id', 'pad_token_id')  # what the model needs from a manifest
 
 
 class ConfigError(ValueError):
@@ -462,7 +463,12 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
     dist.initialize_dist(get_device(device))
     os.makedirs(config.run_dir, exist_ok=True)
     cache_root = config.data.cache_root or os.path.join(config.run_dir, 'cache', f'node{dist.get_node_rank()}')
-    manifest = read_manifest(config.data.manifest, cache_root)
+    manifest = read_manifest(config.data.manifest, cache_root, timeout=config.data.download_timeout)
+    tokenizer = manifest.get('tokenizer') or {}
+    missing = [key for key in TOKENIZER_KEYS if key not in tokenizer]
+    if missing:
+        raise ConfigError(f"config key 'data.manifest': {config.data.manifest} records no tokenizer "
+                          f"{', '.join(missing)} (pike-prep writes them)")
     mixing = config.mixing
     weights = OmegaConf.to_container(mixing.weights) if mixing.weights else None
     if weights:  # before any shard is read
@@ -480,7 +486,6 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
                                       seed=config.seed, steps_per_epoch=config.data.steps_per_epoch,
                                       num_workers=config.data.num_workers,
                                       prefetch_factor=config.data.prefetch_factor)
-    tokenizer = manifest['tokenizer']
     model = build_model(config, tokenizer['vocab_size'], dataset.seq_len, tokenizer['eos_token_id'],
                         tokenizer['pad_token_id'])
     algorithms: list[Any] = []

@@ -224,6 +224,27 @@ def write_manifest(root, sizes=(80, 60, 40), seq_len=16):
     return str(root)
 
 
+def broken_manifests():
+    """(manifest.json text, the error it must give): each names the file or the missing key."""
+    good = manifest_json(16)
+    no_tokenizer = {key: value for key, value in good.items() if key != 'tokenizer'}
+    no_path = {**good, 'domains': {**good['domains'], 'wiki': {'splits': {'train': {}}}}}
+    return [('{"domains": ', r'manifest .*manifest\.json is not valid JSON'),
+            ('[]', r"manifest .*manifest\.json has no 'domains' mapping"),
+            (json.dumps(no_path), r"manifest .*manifest\.json: domain 'wiki' needs 'splits' with a 'path'"),
+            (json.dumps(no_tokenizer),
+             r"'data.manifest': .* records no tokenizer vocab_size, eos_token_id, pad_token_id")]
+
+
+@pytest.mark.parametrize('text, match', broken_manifests())
+def test_a_broken_manifest_is_named(tmp_path, text, match):
+    root = tmp_path / 'data'
+    root.mkdir()
+    (root / 'manifest.json').write_text(text)
+    with pytest.raises(ValueError, match=match):
+        main([DEMO_YAML, f'data.manifest={root}', f'run_dir={tmp_path / "run"}', 'trainer.device=cpu'])
+
+
 class BatchRecorder(Callback):
     """The (domain, sample_id) pairs each step trains on, by 0-based step."""
 

@@ -42,11 +42,12 @@ def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str |
     return sources
 
 
-def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any]:
+def read_manifest(manifest: str, cache_root: str | None = None, *, timeout: float = 60) -> dict[str, Any]:
     """Load a pike-prep manifest from a local path (file or directory) or a remote URL.
 
-    A remote manifest is downloaded on every call (to ``cache_root/manifest.json``), so a dataset
-    rewritten at the remote is never described by a stale local copy.
+    A remote manifest is downloaded on every call (to ``cache_root/manifest.json``, within ``timeout``
+    seconds), so a dataset rewritten at the remote is never described by a stale local copy. A file that
+    is not JSON, or has no ``domains`` with a ``path`` per split, fails naming the file.
     """
     if '://' in manifest:
         from streaming.base.storage.download import CloudDownloader
@@ -58,7 +59,7 @@ def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any
         # streaming's downloaders skip a destination that exists: fetch to a fresh name, then replace.
         fresh = os.path.join(cache_root, f'.{MANIFEST_NAME}.{uuid.uuid4().hex}')
         try:
-            CloudDownloader.direct_download(url, fresh, timeout=60)
+            CloudDownloader.direct_download(url, fresh, timeout=timeout)
             os.replace(fresh, path)
         finally:
             if os.path.exists(fresh):
@@ -67,5 +68,23 @@ def read_manifest(manifest: str, cache_root: str | None = None) -> dict[str, Any
         path = manifest if manifest.endswith('.json') else os.path.join(manifest, MANIFEST_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f'no pike-prep manifest at {path}')
-    with open(path) as f:
-        return json.load(f)
+    where = manifest if '://' in manifest else path
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f'manifest {where} is not valid JSON ({error}); is it a pike-prep manifest.json?') from None
+    check_manifest_domains(data, where)
+    return data
+
+
+def check_manifest_domains(data: Any, where: str) -> None:
+    """Raise ValueError naming ``where`` unless ``data`` maps ``domains`` to entries with a ``path`` per split."""
+    domains = data.get('domains') if isinstance(data, dict) else None
+    if not isinstance(domains, dict) or not domains:
+        raise ValueError(f"manifest {where} has no 'domains' mapping; is it a pike-prep manifest.json?")
+    for name, info in domains.items():
+        splits = info.get('splits') if isinstance(info, dict) else None
+        if not isinstance(splits, dict) or not all(isinstance(split, dict) and 'path' in split
+                                                   for split in splits.values()):
+            raise ValueError(f"manifest {where}: domain '{name}' needs 'splits' with a 'path' for every split")
