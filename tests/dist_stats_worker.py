@@ -115,29 +115,26 @@ def wrap(model: nn.Module, mode: str, device: torch.device = torch.device("cpu")
     raise ValueError(mode)
 
 
-def main(out_dir: Path, device_type: str = "cpu") -> None:
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size == 4:
-        hsdp = wrap(build_model(), "fsdp2_hsdp", device)
-        results = {"fsdp2_hsdp": {"layout": gradient_layout(hsdp), "replicas": gradient_replicas(hsdp)}}
-        model = wrap(build_model(), "fsdp1_hybrid", device)
-        replicas = gradient_replicas(model)
-        raw = collect_probe(model, rank=rank, world_size=world_size, device=device).finalize()
-        stats = collect_probe(model, rank=rank, world_size=world_size, device=device, replicas=replicas).finalize()
-        results["fsdp1_hybrid"] = {
+def hybrid_results(rank: int, world_size: int, device: torch.device) -> dict:
+    """FSDP1 HYBRID_SHARD statistics (uncorrected and divided by the replica count) and FSDP2 HSDP's count."""
+    hsdp = wrap(build_model(), "fsdp2_hsdp", device)
+    model = wrap(build_model(), "fsdp1_hybrid", device)
+    replicas = gradient_replicas(model)
+    raw = collect_probe(model, rank=rank, world_size=world_size, device=device).finalize()
+    stats = collect_probe(model, rank=rank, world_size=world_size, device=device, replicas=replicas).finalize()
+    return {
+        "fsdp2_hsdp": {"layout": gradient_layout(hsdp), "replicas": gradient_replicas(hsdp)},
+        "fsdp1_hybrid": {
             "layout": gradient_layout(model), "replicas": replicas,
             "raw_grad_sq_norms": raw.grad_sq_norms.tolist(), "grad_sq_norms": stats.grad_sq_norms.tolist(),
             "per_sample_variances": stats.per_sample_variances.tolist(), "cosines": stats.cosines.tolist(),
             "inner_products": stats.inner_products.tolist(),
-        }
-        (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+        },
+    }
+
+
+def sharding_results(rank: int, world_size: int, device: torch.device) -> dict:
+    """FSDP2, FSDP1 and DDP statistics, uncorrected and corrected by gradient_sum_factor."""
     shard_group = dist.new_group(list(range(world_size)))  # exercises the process_group argument
     results = {}
     for mode in ("fsdp2", "fsdp1", "ddp"):
@@ -174,7 +171,18 @@ def main(out_dir: Path, device_type: str = "cpu") -> None:
             "cosines": stats.cosines.tolist(),
         }
         dist.barrier()
+    return results
+
+
+def main(out_dir: Path, device_type: str = "cpu") -> None:
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    results = (hybrid_results if world_size == 4 else sharding_results)(rank, world_size, device)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # no rank tears the process groups down while another is still in a collective
     dist.destroy_process_group()
 
 
