@@ -505,6 +505,12 @@ def test_accumulator_is_reusable_after_finalize():
         torch.testing.assert_close(getattr(results[0], name), getattr(results[1], name), msg=name)
 
 
+def test_accumulator_rejects_a_model_spread_over_devices():
+    params = [torch.zeros(4), torch.zeros(3, device="meta")]
+    with pytest.raises(ValueError, match="several devices"):
+        GradientStatsAccumulator(params, 2, chunk_size=4)
+
+
 def test_local_gradient_and_layout_of_plain_modules():
     model = nn.Linear(3, 2)
     assert local_gradient(model.weight) is None

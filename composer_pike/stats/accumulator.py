@@ -204,16 +204,25 @@ class GradientStatsAccumulator:
         params = list(params)
         local_params = [_local_tensor(param) for param in params]
         self._device = local_params[0].device if local_params else torch.device("cpu")
+        devices = {local.device for local in local_params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"the model's parameters are on several devices ({sorted(map(str, devices))}); the "
+                "gradient statistics need every parameter (or local shard) on one device per rank"
+            )
         has_float64 = any(local.dtype == torch.float64 for local in local_params)
         self._accum_dtype = torch.float64 if has_float64 else torch.float32
         # Parameters whose local shard is empty contribute nothing on this rank.
         self._params = [p for p, local in zip(params, local_params) if local.numel() > 0]
+        # One flat buffer holds S; each parameter's part is a view of it, so the sketch folds it in
+        # large pieces rather than parameter by parameter.
+        local_numel = sum(local.numel() for local in local_params)
+        self._flat_sum = torch.zeros(local_numel, dtype=self._accum_dtype, device=self._device)
         self._sum_buffers = [
-            torch.zeros(local.shape, dtype=self._accum_dtype, device=local.device)
-            for local in local_params
+            view.view(local.shape)
+            for view, local in zip(self._flat_sum.split([local.numel() for local in local_params]), local_params)
             if local.numel() > 0
         ]
-        local_numel = sum(buffer.numel() for buffer in self._sum_buffers)
         self._sketch_exact = local_numel <= conflict_sketch_size  # the sketch is S itself
         # (replicates, buckets) of each domain's sketch
         self._sketch_shape = ((1, local_numel) if self._sketch_exact
@@ -238,23 +247,20 @@ class GradientStatsAccumulator:
     def _fold_into_sketch(self, sketch: torch.Tensor) -> None:
         """sketch[r, b] = sum over coordinates i = b (mod buckets) of s_ri S_i, signs from this probe's seed."""
         if self._sketch_exact:
-            torch.cat([buffer.view(-1) for buffer in self._sum_buffers], out=sketch[0])
+            sketch[0].copy_(self._flat_sum)
             return
         sketch.zero_()
         buckets = sketch.shape[1]
         generator = torch.Generator(device=self._device).manual_seed(self._sketch_seed)
+        # Pieces of about 4M coordinates (whole rows of buckets) bound the temporaries.
+        pieces = self._flat_sum.split(buckets * max(1, 2**22 // buckets))
         for replicate in sketch:
-            position = 0
-            for buffer in self._sum_buffers:
-                # Pieces of about 4M coordinates bound the temporaries for large parameters.
-                for piece in buffer.view(-1).split(buckets * max(1, 2**22 // buckets)):
-                    signs = torch.randint(0, 2, piece.shape, generator=generator, device=piece.device,
-                                          dtype=torch.int8)  # int8 draws are about 3x faster than int64
-                    signed = piece * (2 * signs - 1).to(piece.dtype)
-                    offset = position % buckets
-                    padded = torch.nn.functional.pad(signed, (offset, -(offset + piece.numel()) % buckets))
-                    replicate += padded.view(-1, buckets).sum(0)
-                    position += piece.numel()
+            for piece in pieces:
+                signs = torch.randint(0, 2, piece.shape, generator=generator, device=piece.device,
+                                      dtype=torch.int8)  # int8 draws are about 3x faster than int64
+                signed = piece * (2 * signs - 1).to(piece.dtype)
+                padded = torch.nn.functional.pad(signed, (0, -piece.numel() % buckets))
+                replicate += padded.view(-1, buckets).sum(0)
 
     def _sum_of_squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """sum_t ||t||^2 as a float64 scalar on the accumulator's device (no host sync)."""
@@ -277,7 +283,7 @@ class GradientStatsAccumulator:
             )
         if domain in self._sum_sq_norms:
             raise RuntimeError(f"domain {domain} was already collected in this probe")
-        torch._foreach_zero_(self._sum_buffers)
+        self._flat_sum.zero_()
         self._current_domain = domain
         self._current_chunk_sq_norms = []
 
@@ -321,7 +327,7 @@ class GradientStatsAccumulator:
                     f"{expected}; every domain needs the same number of chunks"
                 )
         self._chunk_sq_norms[domain] = torch.stack(self._current_chunk_sq_norms)
-        self._sum_sq_norms[domain] = self._sum_of_squares(self._sum_buffers)
+        self._sum_sq_norms[domain] = self._sum_of_squares([self._flat_sum])
         if self._sketch is not None and self._sketch.numel():
             self._fold_into_sketch(self._sketch[domain])
         self._current_domain = None
