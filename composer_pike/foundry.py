@@ -107,7 +107,8 @@ def _domains(settings: dict[str, Any]) -> tuple[list[DomainSource], dict[str, fl
                          '(an llm-foundry dataset block with `streams`)')
     split, cache_root = settings.pop('split', None), settings.pop('cache_root', None)
     if manifest is not None:
-        return (sources_from_manifest(manifest, split or 'train', cache_root), None,
+        downloads = {key: dataset_options[key] for key in ('download_timeout', 'download_retry') if key in dataset_options}
+        return (sources_from_manifest(manifest, split or 'train', cache_root, **downloads), None,
                 {'validate_hash': 'xxh64', **dataset_options}, TokenReader(), {})
     if split is not None or cache_root is not None:
         key = 'split' if split is not None else 'cache_root'

@@ -452,7 +452,7 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
 
     from composer_pike.algorithms import LossSlope, PiKE
     from composer_pike.callbacks import DomainEvalSummary, JsonlLogger, MixtureMonitor, RestoreRngState
-    from composer_pike.data import MixtureDataset, build_mixture_dataloader, read_manifest, sources_from_manifest
+    from composer_pike.data import MixtureDataset, build_mixture_dataloader, manifest_sources, read_manifest
     from composer_pike.policies import plan_policy
 
     device = config.trainer.device or ('gpu' if torch.cuda.is_available() else 'cpu')
@@ -463,7 +463,8 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
     dist.initialize_dist(get_device(device))
     os.makedirs(config.run_dir, exist_ok=True)
     cache_root = config.data.cache_root or os.path.join(config.run_dir, 'cache', f'node{dist.get_node_rank()}')
-    manifest = read_manifest(config.data.manifest, cache_root, timeout=config.data.download_timeout)
+    manifest = read_manifest(config.data.manifest, cache_root, timeout=config.data.download_timeout,
+                             retry=config.data.download_retry)
     tokenizer = manifest.get('tokenizer') or {}
     missing = [key for key in TOKENIZER_KEYS if key not in tokenizer]
     if missing:
@@ -476,7 +477,7 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
             named_weights(weights, list(manifest['domains']))
         except ValueError as error:
             raise ConfigError(f"config key 'mixing.weights': {error}") from None
-    dataset = MixtureDataset(sources_from_manifest(config.data.manifest, 'train', cache_root),
+    dataset = MixtureDataset(manifest_sources(manifest, config.data.manifest, 'train', cache_root),
                              validate_hash=config.data.validate_hash, download_retry=config.data.download_retry,
                              download_timeout=config.data.download_timeout)
     plan = plan_policy(mixing.policy, dataset.domain_names, dataset.domain_sizes, weights=weights,

@@ -903,6 +903,38 @@ def test_s3_manifest_is_downloaded_again_when_read_again(s3_server, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == ['manifest.json']  # no temporary files left
 
 
+@pytest.mark.parametrize('retry', [1, 2])
+def test_s3_manifest_download_is_retried_download_retry_times(s3_server, tmp_path, monkeypatch, retry):
+    """Two failed downloads in a row: ``retry=2`` gets through on the third attempt, ``retry=1`` gives up
+    with the download's own error; neither leaves a temporary file in the cache."""
+    from streaming.base.storage.download import CloudDownloader
+
+    root = tmp_path / 'prep'
+    expected = write_prep_tree(root)
+    bucket = f'pike-manifest-retry{retry}'
+    s3_server.create_bucket(bucket)
+    upload_tree(s3_server.client(), root, bucket, 'run')
+    real_download, attempts = CloudDownloader.direct_download, []
+
+    def failing_twice(url, path, timeout):
+        attempts.append(url)
+        if len(attempts) <= 2:
+            open(path, 'w').close()  # a partial file the reader must not keep
+            raise ConnectionError(f'injected failure {len(attempts)} for {url}')
+        real_download(url, path, timeout=timeout)
+
+    monkeypatch.setattr(CloudDownloader, 'direct_download', staticmethod(failing_twice))
+    manifest, cache = f's3://{bucket}/run', tmp_path / 'cache'
+    if retry == 2:
+        assert read_manifest(manifest, str(cache), retry=retry) == expected
+        assert sorted(p.name for p in cache.iterdir()) == ['manifest.json']
+    else:
+        with pytest.raises(ConnectionError, match='injected failure 2'):
+            read_manifest(manifest, str(cache), retry=retry)
+        assert list(cache.iterdir()) == []
+    assert attempts == [f's3://{bucket}/run/manifest.json'] * min(3, retry + 1)
+
+
 # ---- multi-process: Composer's launcher, gloo ----------------------------------------------------
 
 

@@ -38,8 +38,9 @@ class MixtureDataset(Dataset):
         sources: one :class:`DomainSource` per domain, in mixing order.
         validate_hash: hash checked on every shard download from a remote (streaming's
             ``validate_hash``), and on local shards at build time when ``verify_local=True``; None: no check.
-        download_retry / download_timeout: attempts per remote file (each also retried by the S3 client)
-            and seconds per download; a download failing its hash is fetched again, up to download_retry times.
+        download_retry / download_timeout: attempts after a failed one per remote file (each also retried
+            by the S3 client) and seconds per download; a download failing its hash is fetched again, up to
+            download_retry times.
         verify_local: hash-check local shards (no remote) once at build time.
         tokens: how a sample's ``tokens`` column becomes ids (dtype, ``max_seq_len``), see
             :class:`composer_pike.data.tokens.TokenReader`; every domain must give the same length.

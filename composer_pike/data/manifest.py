@@ -18,12 +18,19 @@ class DomainSource:
     remote: str | None = None
 
 
-def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str | None = None) -> list[DomainSource]:
+def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str | None = None, *,
+                          download_timeout: float = 60, download_retry: int = 3) -> list[DomainSource]:
     """Domain sources for ``split`` from a pike-prep manifest (local path or remote URL).
 
     For a remote manifest every domain is streamed into ``cache_root/<domain>/<split>``.
     """
-    data = read_manifest(manifest, cache_root)
+    data = read_manifest(manifest, cache_root, timeout=download_timeout, retry=download_retry)
+    return manifest_sources(data, manifest, split, cache_root)
+
+
+def manifest_sources(data: dict[str, Any], manifest: str, split: str = 'train',
+                     cache_root: str | None = None) -> list[DomainSource]:
+    """Domain sources for ``split`` from ``data``, the manifest ``read_manifest`` loaded from ``manifest``."""
     remote = '://' in manifest
     if remote:
         base = manifest.rsplit('/', 1)[0] if manifest.endswith('.json') else manifest.rstrip('/')
@@ -42,28 +49,21 @@ def sources_from_manifest(manifest: str, split: str = 'train', cache_root: str |
     return sources
 
 
-def read_manifest(manifest: str, cache_root: str | None = None, *, timeout: float = 60) -> dict[str, Any]:
+def read_manifest(manifest: str, cache_root: str | None = None, *, timeout: float = 60,
+                  retry: int = 3) -> dict[str, Any]:
     """Load a pike-prep manifest from a local path (file or directory) or a remote URL.
 
     A remote manifest is downloaded on every call (to ``cache_root/manifest.json``, within ``timeout``
-    seconds), so a dataset rewritten at the remote is never described by a stale local copy. A file that
-    is not JSON, or has no ``domains`` with a ``path`` per split, fails naming the file.
+    seconds, tried again up to ``retry`` times as streaming's ``download_retry``), so a dataset rewritten
+    at the remote is never described by a stale local copy. A file that is not JSON, or has no
+    ``domains`` with a ``path`` per split, fails naming the file.
     """
     if '://' in manifest:
-        from streaming.base.storage.download import CloudDownloader
         url = manifest if manifest.endswith('.json') else f'{manifest.rstrip("/")}/{MANIFEST_NAME}'
         if cache_root is None:
             raise ValueError(f'manifest {manifest} is remote: a local cache_root is required')
-        os.makedirs(cache_root, exist_ok=True)
         path = os.path.join(cache_root, MANIFEST_NAME)
-        # streaming's downloaders skip a destination that exists: fetch to a fresh name, then replace.
-        fresh = os.path.join(cache_root, f'.{MANIFEST_NAME}.{uuid.uuid4().hex}')
-        try:
-            CloudDownloader.direct_download(url, fresh, timeout=timeout)
-            os.replace(fresh, path)
-        finally:
-            if os.path.exists(fresh):
-                os.remove(fresh)
+        download_manifest(url, path, timeout=timeout, retry=retry)
     else:
         path = manifest if manifest.endswith('.json') else os.path.join(manifest, MANIFEST_NAME)
         if not os.path.isfile(path):
@@ -76,6 +76,25 @@ def read_manifest(manifest: str, cache_root: str | None = None, *, timeout: floa
         raise ValueError(f'manifest {where} is not valid JSON ({error}); is it a pike-prep manifest.json?') from None
     check_manifest_domains(data, where)
     return data
+
+
+def download_manifest(url: str, path: str, *, timeout: float, retry: int) -> None:
+    """Download ``url`` to ``path`` (replacing it), with ``retry`` more attempts after a failure."""
+    from streaming.base.storage.download import CloudDownloader
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for attempt in range(retry + 1):
+        # streaming's downloaders skip a destination that exists: fetch to a fresh name, then replace.
+        fresh = os.path.join(os.path.dirname(path), f'.{MANIFEST_NAME}.{uuid.uuid4().hex}')
+        try:
+            CloudDownloader.direct_download(url, fresh, timeout=timeout)
+            os.replace(fresh, path)
+            return
+        except Exception:
+            if attempt == retry:
+                raise
+        finally:
+            if os.path.exists(fresh):
+                os.remove(fresh)
 
 
 def check_manifest_domains(data: Any, where: str) -> None:
