@@ -60,12 +60,11 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from streaming_prep.demo import _stdlib_sources, print_summary
+from streaming_prep.demo import MB, _stdlib_sources, print_summary
 from streaming_prep.errors import PrepError
 from streaming_prep.pipeline import prepare
 from streaming_prep.readers import file_sha256
 
-MB = 1 << 20
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "composer-pike", "corpora")
 DEFAULT_MAX_MB = 6.0
 Document = tuple[str, str]  # (source inside the archive, text)

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-MANIFEST_NAME = 'manifest.json'
+from streaming_prep.pipeline import MANIFEST_NAME  # the file pike-prep writes
 
 
 @dataclass(frozen=True)
