@@ -1,14 +1,17 @@
 """Multi-process check of composer_pike.stats under FSDP2, FSDP1 and DDP (gloo, CPU).
 
 Run as ``python -m torch.distributed.run --nproc_per_node 2 tests/dist_stats_worker.py OUT_DIR [DEVICE]``;
-every rank writes ``OUT_DIR/rank{r}.json``. DEVICE is ``cpu`` (gloo, the default) or ``cuda`` (nccl,
-one GPU per rank: benchmarks/gpu_check.sh). tests/test_stats.py imports ``build_model`` and
-``collect_probe`` from here to compute the single-process reference on the same data.
+every rank writes ``OUT_DIR/rank{r}.json``. DEVICE is ``cpu`` (gloo, the default) or ``cuda`` (nccl, one
+GPU per rank: benchmarks/gpu_check.sh). On 4 processes it checks hybrid sharding instead: FSDP1
+HYBRID_SHARD in two shard groups of 2 ranks (two replicas), and FSDP2 on a 2 x 2 mesh (HSDP; its replica
+count only: FSDP2's HSDP all-reduce uses ReduceOp.AVG, which gloo refuses). tests/test_stats.py imports
+``build_model`` and ``collect_probe`` from here to compute the single-process reference on the same data.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from composer_pike.stats import GradientStatsAccumulator, gradient_layout, gradient_sum_factor
+from composer_pike.stats import GradientStatsAccumulator, gradient_layout, gradient_replicas, gradient_sum_factor
 
 NUM_DOMAINS = 3
 NUM_CHUNKS = 4
@@ -43,7 +46,7 @@ def make_chunk(domain: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def collect_probe(
     model: nn.Module, *, rank: int = 0, world_size: int = 1, loss_scale: float = 1.0,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"), replicas: int = 1,
 ) -> GradientStatsAccumulator:
     """The probe as the Composer glue runs it, up to (excluding) finalize().
 
@@ -56,6 +59,7 @@ def collect_probe(
         conflict_sketch_size=SKETCH_SIZE,
         seed=0,
         layout=gradient_layout(model),
+        replicas=replicas,
     )
     local_samples = slice(rank * CHUNK_SIZE // world_size, (rank + 1) * CHUNK_SIZE // world_size)
     for domain in range(NUM_DOMAINS):
@@ -71,8 +75,29 @@ def collect_probe(
     return accumulator
 
 
+def hybrid_groups(shard_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(this rank's shard group, its replicate group): consecutive ranks shard, strided ranks replicate."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    shard_groups = [dist.new_group(list(range(start, start + shard_size)))
+                    for start in range(0, world_size, shard_size)]
+    replicate_groups = [dist.new_group(list(range(offset, world_size, shard_size))) for offset in range(shard_size)]
+    return shard_groups[rank // shard_size], replicate_groups[rank % shard_size]
+
+
 def wrap(model: nn.Module, mode: str, device: torch.device = torch.device("cpu")) -> nn.Module:
     model = model.to(device)
+    if mode == "fsdp1_hybrid":
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+        return FullyShardedDataParallel(model, use_orig_params=True, device_id=device,
+                                        sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                                        process_group=hybrid_groups(2))
+    if mode == "fsdp2_hsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size() // 2, 2), mesh_dim_names=("replicate", "shard"))
+        return fully_shard(model, mesh=mesh)
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -91,12 +116,26 @@ def wrap(model: nn.Module, mode: str, device: torch.device = torch.device("cpu")
     raise ValueError(mode)
 
 
-def main(out_dir: Path, device_type: str = "cpu") -> None:
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def hybrid_results(rank: int, world_size: int, device: torch.device) -> dict:
+    """FSDP1 HYBRID_SHARD statistics (uncorrected and divided by the replica count) and FSDP2 HSDP's count."""
+    hsdp = wrap(build_model(), "fsdp2_hsdp", device)
+    model = wrap(build_model(), "fsdp1_hybrid", device)
+    replicas = gradient_replicas(model)
+    raw = collect_probe(model, rank=rank, world_size=world_size, device=device).finalize()
+    stats = collect_probe(model, rank=rank, world_size=world_size, device=device, replicas=replicas).finalize()
+    return {
+        "fsdp2_hsdp": {"layout": gradient_layout(hsdp), "replicas": gradient_replicas(hsdp)},
+        "fsdp1_hybrid": {
+            "layout": gradient_layout(model), "replicas": replicas,
+            "raw_grad_sq_norms": raw.grad_sq_norms.tolist(), "grad_sq_norms": stats.grad_sq_norms.tolist(),
+            "per_sample_variances": stats.per_sample_variances.tolist(), "cosines": stats.cosines.tolist(),
+            "inner_products": stats.inner_products.tolist(),
+        },
+    }
+
+
+def sharding_results(rank: int, world_size: int, device: torch.device) -> dict:
+    """FSDP2, FSDP1 and DDP statistics, uncorrected and corrected by gradient_sum_factor."""
     shard_group = dist.new_group(list(range(world_size)))  # exercises the process_group argument
     results = {}
     for mode in ("fsdp2", "fsdp1", "ddp"):
@@ -133,7 +172,25 @@ def main(out_dir: Path, device_type: str = "cpu") -> None:
             "cosines": stats.cosines.tolist(),
         }
         dist.barrier()
+    return results
+
+
+def main(out_dir: Path, device_type: str = "cpu") -> None:
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    results = (hybrid_results if world_size == 4 else sharding_results)(rank, world_size, device)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # no rank tears the process groups down while another is still in a collective
+    if world_size == 4:
+        # After the hybrid groups, torch 2.7's gloo destroy_process_group() hung on one rank in about 1 run
+        # in 8 here (stack: inside the C++ shutdown, every rank past this barrier). Every rank has written
+        # its results, so the hybrid run leaves without tearing the groups down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     dist.destroy_process_group()
 
 

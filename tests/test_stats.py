@@ -581,6 +581,24 @@ def test_two_processes_match_single_process(tmp_path):
             )
 
 
+@pytest.mark.timeout(180)
+def test_hybrid_sharding_counts_each_gradient_coordinate_once(tmp_path):
+    """Four processes: FSDP1 HYBRID_SHARD (shard groups of 2, two replicas) gives the single-process statistics
+    once ``gradient_replicas`` divides the world-wide sums; without it every replica's identical shard is
+    added again (G twice the truth). FSDP2 on a 2 x 2 mesh (HSDP) reports two replicas too."""
+    rank_results = run_dist_stats_worker(tmp_path, nproc=4)
+    assert all(result == rank_results[0] for result in rank_results)
+    assert rank_results[0]["fsdp2_hsdp"] == {"layout": "sharded", "replicas": 2}
+    hybrid = rank_results[0]["fsdp1_hybrid"]
+    assert (hybrid["layout"], hybrid["replicas"]) == ("sharded", 2)
+    reference = load_worker_module().collect_probe(load_worker_module().build_model()).finalize()
+    torch.testing.assert_close(torch.tensor(hybrid["raw_grad_sq_norms"], dtype=torch.float64),
+                               2 * reference.grad_sq_norms, rtol=1e-5, atol=1e-6)
+    for name in ("grad_sq_norms", "per_sample_variances", "cosines", "inner_products"):
+        torch.testing.assert_close(torch.tensor(hybrid[name], dtype=torch.float64), getattr(reference, name),
+                                   rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Standard errors and pooling (PIKE_MATH.md s.9)
 
