@@ -117,20 +117,6 @@ def test_pairwise_cosines_exact():
     torch.testing.assert_close(cosines.diagonal(), torch.ones(3, dtype=torch.float64))
 
 
-def test_noise_scale():
-    stats = GradientStatistics(
-        grad_sq_norms=torch.tensor([2.0, -1.0], dtype=torch.float64),
-        per_sample_variances=torch.tensor([8.0, 1e-300], dtype=torch.float64),
-        chunk_grad_sq_norms=torch.zeros(2, 2, dtype=torch.float64),
-        cosines=None,
-        num_chunks=2,
-        chunk_size=4,
-    )
-    noise_scale = stats.noise_scale()
-    assert noise_scale[0].item() == pytest.approx(4.0)
-    assert math.isnan(noise_scale[1].item())  # G <= 0: the noise swamps the gradient, the scale is unknown
-
-
 # ---------------------------------------------------------------------------------------------
 # Unbiasedness on a model with known G and sigma^2
 

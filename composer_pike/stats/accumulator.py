@@ -141,18 +141,11 @@ class GradientStatistics:
     grad_sq_norms: torch.Tensor  # (K,) unbiased ||grad L_k||^2, raw (may be negative)
     per_sample_variances: torch.Tensor  # (K,) per-sample gradient variance trace sigma_k^2
     chunk_grad_sq_norms: torch.Tensor  # (K, M) squared norms of the chunk-mean gradients
-    cosines: torch.Tensor | None  # (K, K) conflict monitor, None when disabled
+    cosines: torch.Tensor | None  # (K, K) this probe's cosines, None without the sketch (PiKE logs pooled ones)
     num_chunks: int
     chunk_size: int
     inner_products: torch.Tensor | None = None  # (K, K) unbiased <grad L_j, grad L_k> off the diagonal
     inner_product_sketch_var: torch.Tensor | None = None  # (K, K) variance the sketch adds to them
-
-    def noise_scale(self) -> torch.Tensor:
-        """Gradient noise scale sigma^2 / G per domain, in samples (McCandlish B_simple); NaN where the
-        unbiased estimate of G is not positive (the noise swamps the gradient: the scale is unknown)."""
-        positive = self.grad_sq_norms > 0
-        return torch.where(positive, self.per_sample_variances / torch.where(positive, self.grad_sq_norms, 1.0),
-                           torch.nan)
 
 
 class GradientStatsAccumulator:
