@@ -228,6 +228,13 @@ def validate(config: DictConfig) -> None:
     if not config.data.download_timeout > 0:
         raise ConfigError(f"config key 'data.download_timeout': must be positive seconds, "
                           f"got {config.data.download_timeout}")
+    for key, least in (('data.global_batch_size', 1), ('data.eval_batch_size', 1), ('data.num_workers', 0),
+                       ('data.prefetch_factor', 1), ('data.steps_per_epoch', 1), ('data.eval_max_batches', 1)):
+        value = OmegaConf.select(config, key)
+        if value is not None and value < least:
+            raise ConfigError(f"config key '{key}': must be at least {least}, got {value}")
+    if not config.mixing.temperature > 0:
+        raise ConfigError(f"config key 'mixing.temperature': must be > 0 (w ~ n^(1/T)), got {config.mixing.temperature}")
     _choice('model.family', config.model.family, ('gpt2', 'llama'))
     _choice('mixing.pike.update', config.mixing.pike['update'], UPDATES)  # .update is DictConfig's method
     _choice('trainer.precision', config.trainer.precision, [p.value for p in Precision])
@@ -400,11 +407,14 @@ def build_model(config: DictConfig, vocab_size: int, seq_len: int, eos_token_id:
                             eval_metrics=[LanguageCrossEntropy()], shift_labels=True)
 
 
-def build_evaluators(config: DictConfig, cache_root: str) -> list:
-    """One Evaluator per domain over its val split, labelled ``val_<domain>``: held-out loss per domain."""
+def build_evaluators(config: DictConfig, manifest: dict[str, Any], cache_root: str) -> list:
+    """One Evaluator per domain over its val split, labelled ``val_<domain>``: held-out loss per domain.
+
+    ``manifest`` is the description ``read_manifest`` loaded from ``data.manifest`` for training.
+    """
     from composer.core import Evaluator
 
-    from composer_pike.data import build_domain_eval_loader, sources_from_manifest
+    from composer_pike.data import build_domain_eval_loader, manifest_sources
 
     data = config.data
     return [Evaluator(label=f'val_{source.name}', metric_names=['LanguageCrossEntropy'],
@@ -412,7 +422,7 @@ def build_evaluators(config: DictConfig, cache_root: str) -> list:
                       dataloader=build_domain_eval_loader(
                           source, data.eval_batch_size, domain=index, validate_hash=data.validate_hash,
                           download_retry=data.download_retry, download_timeout=data.download_timeout))
-            for index, source in enumerate(sources_from_manifest(data.manifest, 'val', cache_root))]
+            for index, source in enumerate(manifest_sources(manifest, data.manifest, 'val', cache_root))]
 
 
 def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -505,7 +515,7 @@ def train(config: DictConfig, callbacks: Sequence[Any] = ()) -> Any:
         run_name=config.run_name,
         model=model,
         train_dataloader=loader,
-        eval_dataloader=build_evaluators(config, cache_root),
+        eval_dataloader=build_evaluators(config, manifest, cache_root),
         eval_interval=config.trainer.eval_interval,
         max_duration=config.trainer.max_duration,
         optimizers=optimizer,

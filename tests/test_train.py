@@ -102,6 +102,11 @@ BAD_OVERRIDES = [
     ('data.download_timeout=0', 'data.download_timeout', 'positive'),
     ('mixing.loss_slope.window=1', 'mixing.loss_slope', 'window must be > 1'),
     ('mixing.tau=-1', 'mixing.tau', 'must be >= 0'),
+    ('data.global_batch_size=0', 'data.global_batch_size', 'at least 1, got 0'),
+    ('data.num_workers=-1', 'data.num_workers', 'at least 0'),
+    ('data.steps_per_epoch=0', 'data.steps_per_epoch', 'at least 1'),
+    ('data.prefetch_factor=0', 'data.prefetch_factor', 'at least 1'),
+    ('mixing.temperature=0', 'mixing.temperature', 'must be > 0'),
 ]
 
 
