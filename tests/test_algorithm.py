@@ -163,6 +163,20 @@ class ForwardSizes(Callback):
 # --------------------------------------------------------------------------------------------- 1. metrics, effective step
 
 
+
+def test_a_check_batch_retried_after_an_oom_is_probed_once():
+    """Composer fires BEFORE_TRAIN_BATCH again when automatic microbatching retries a batch after a CUDA
+    OOM; the probe already pending for that batch stands (a second one would read new probe samples)."""
+    from types import SimpleNamespace
+
+    pike = PiKE(check_interval=10)
+    pike.mixture = SimpleNamespace(num_domains=3)
+    state = SimpleNamespace(timestamp=SimpleNamespace(batch=10))
+    assert pike.match(Event.BEFORE_TRAIN_BATCH, state)
+    pike._pending = ('statistics', 'domains', 'losses')  # probed; the batch then fails and is retried
+    assert not pike.match(Event.BEFORE_TRAIN_BATCH, state)
+    assert pike.match(Event.BATCH_END, state)
+
 def test_a_trainer_past_the_end_of_a_stop_mixture_stops_at_the_last_batch(dataset):
     """A Composer Trainer with no mixture callback used to start empty epochs for ever after the last
     batch of an on_exhausted='stop' mixture; the loader now stops it at that batch, with or without MixtureMonitor."""

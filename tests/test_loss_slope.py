@@ -199,6 +199,32 @@ def test_per_sample_losses_match_cross_entropy_and_skip_ignored_labels():
         per_sample_losses(logits, {'input_ids': labels})
 
 
+def test_a_batch_retried_after_an_oom_is_scored_once():
+    """Composer fires BEFORE_TRAIN_BATCH again when automatic microbatching retries a batch after a CUDA OOM:
+    the microbatches scored before the failure must not count twice in the step's sums."""
+    from types import SimpleNamespace
+
+    from composer.core import Event
+
+    torch.manual_seed(0)
+    algorithm = LossSlope(check_interval=100)
+    algorithm.trend = LossTrend(2)
+    algorithm._step = torch.zeros(3, 2, dtype=torch.float64)
+    algorithm._interval = torch.zeros_like(algorithm._step)
+    microbatch = {'labels': torch.randint(0, 7, (4, 5)), 'domain': torch.tensor([0, 0, 1, 1])}
+    state = SimpleNamespace(outputs=torch.randn(4, 5, 7), batch=microbatch,
+                            timestamp=SimpleNamespace(batch=1))
+    algorithm.apply(Event.BEFORE_TRAIN_BATCH, state, None)
+    algorithm.apply(Event.AFTER_LOSS, state, None)  # then the batch fails with a CUDA OOM and is retried
+    assert algorithm.match(Event.BEFORE_TRAIN_BATCH, state)
+    algorithm.apply(Event.BEFORE_TRAIN_BATCH, state, None)
+    algorithm.apply(Event.AFTER_LOSS, state, None)
+    algorithm.apply(Event.BATCH_END, state, None)
+    losses = per_sample_losses(state.outputs, microbatch).double()
+    torch.testing.assert_close(algorithm._interval[2], torch.tensor([2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(algorithm._interval[0], torch.stack([losses[:2].sum(), losses[2:].sum()]))
+
+
 @pytest.mark.parametrize('option, value, message', [
     ('check_interval', 0, 'check_interval must be >= 1'), ('window', 1.0, 'window must be > 1'),
     ('step_size', 0.0, 'step_size must be > 0'),

@@ -110,11 +110,15 @@ class LossSlope(Algorithm):
             return True
         if self.trend is None:
             return False
-        return event in (Event.AFTER_LOSS, Event.BATCH_END)
+        return event in (Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._attach(state)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            # Fired again when Composer retries the batch after a CUDA OOM (automatic microbatching):
+            # the microbatches scored before the failure are scored again, so the step starts over.
+            self._step.zero_()
         elif event == Event.AFTER_LOSS:
             self._score_microbatch(state)
         else:
@@ -166,7 +170,6 @@ class LossSlope(Algorithm):
         assert self._step is not None and self._interval is not None
         dist.all_reduce(self._step)
         self._interval += self._step
-        self._step.zero_()
 
     def _update(self, state: State, logger: Logger) -> None:
         mixture, trend = self.mixture, self.trend

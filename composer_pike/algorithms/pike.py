@@ -220,8 +220,10 @@ class PiKE(Algorithm):
         if self.mixture is None or self.mixture.num_domains < 2:
             return False
         if event == Event.BEFORE_TRAIN_BATCH:
+            # Composer fires BEFORE_TRAIN_BATCH again when it retries a batch after a CUDA OOM (automatic
+            # microbatching): the probe already pending for this batch stands.
             since_first = int(state.timestamp.batch) - self.first_check
-            return since_first >= 0 and since_first % self.check_interval == 0
+            return since_first >= 0 and since_first % self.check_interval == 0 and self._pending is None
         return event == Event.BATCH_END and self._pending is not None
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
