@@ -258,6 +258,27 @@ def test_resume_from_state_dict_in_a_new_dataset_matches_the_uninterrupted_run(d
         assert got == want, f'step {step} (resumed at {s})'
 
 
+def test_resume_refuses_another_seed_or_other_domains(data_dirs, mixture):
+    """The cursors index the checkpoint's domains and shuffles: another seed, the domains in another order
+    or a domain of another size would resume into other samples, so the load names what differs."""
+    take(build(mixture), mixture, 3)
+    state = json.loads(json.dumps(mixture.state_dict(3 * BATCH, True)))
+    other_seed = open_mixture(data_dirs)
+    build(other_seed, seed=SEED + 1)
+    with pytest.raises(ValueError, match=f"seed: checkpoint {SEED}, this run {SEED + 1}"):
+        other_seed.load_state_dict(state)
+    reordered = MixtureDataset([DomainSource(f'd{k}', data_dirs[k]) for k in reversed(range(len(data_dirs)))])
+    build(reordered)
+    with pytest.raises(ValueError, match="domains: checkpoint \\['d0'.*this run \\['d2'") as error:
+        reordered.load_state_dict(state)
+    assert 'samples: checkpoint' in str(error.value)
+    same = open_mixture(data_dirs)
+    build(same)
+    same.load_state_dict(state)  # the same data and seed resume
+    del state['mixture']  # a checkpoint from before the check
+    same.load_state_dict(state)
+
+
 ABANDON_CASES = {
     'change-scheduled-not-yet-effective': ({5: W1}, 7),
     'change-already-effective': ({5: W1}, 12),

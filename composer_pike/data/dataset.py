@@ -269,14 +269,27 @@ class MixtureDataset(Dataset):
         """
         del num_samples, from_beginning  # the loader itself counts the batches the trainer took
         return {'planner': self.sampler.position(), 'consumed': int(self.sampler.consumed),
-                'probe_order': self.probe_order.state_dict()}
+                'probe_order': self.probe_order.state_dict(), 'mixture': self._identity()}
+
+    def _identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint for its positions to mean the same samples."""
+        return {'domains': list(self.domain_names), 'samples': self.domain_sizes.tolist(), 'seed': self.planner.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume exactly where :meth:`state_dict` was taken (Composer calls this on resume).
 
         A state without probe cursors (written before probes had an order of their own) starts the
-        probe orders from the beginning.
+        probe orders from the beginning. The domains (names, order and samples) and the loader's seed
+        must be the checkpoint's: the cursors index those domains' shuffles, so anything else would
+        resume silently into other samples (or weights and statistics onto other domains).
         """
+        if 'mixture' in state:  # absent from checkpoints written before 2026-12-05
+            saved, current = state['mixture'], self._identity()
+            different = [key for key in current if saved.get(key) != current[key]]
+            if different:
+                details = '; '.join(f'{key}: checkpoint {saved.get(key)}, this run {current[key]}' for key in different)
+                raise ValueError(f'cannot resume the mixture from this checkpoint: {details}. Resume with the '
+                                 'checkpoint\'s data and seed, or start the run without the checkpoint')
         self.sampler.restore(state['planner'], int(state['consumed']))
         self.probe_order = ProbeOrder(self.domain_sizes, self.planner.seed)
         if 'probe_order' in state:
