@@ -222,7 +222,7 @@ def bench_sampler_schedule(num_domains: int = 256, batch: int = 512, entries=(1,
         planner = MixturePlanner(sizes, batch, seed=1)
         weights = rng.dirichlet(np.ones(num_domains), size=n)
         planner.schedule = [(10 * i, weights[i]) for i in range(n)]
-        planner.step = planner.turns = 10 * n
+        planner.step = 10 * n
         sampler = MixtureBatchSampler(Sized(), planner, rank=0, world_size=1, steps_per_epoch=10 ** 9, delay=0,
                                       prefetch_steps=0)
         sampler.consumed = planner.step

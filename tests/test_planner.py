@@ -128,7 +128,12 @@ def test_random_batching_draws_whole_batches_by_weight():
 
 def test_round_robin_cycles_through_domains():
     planner = MixturePlanner([100, 100, 100], 4, batching='round_robin')
-    assert [int(planner.plan_next().domains[0]) for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+    planned = [planner.plan_next() for _ in range(6)]
+    assert [int(batch.domains[0]) for batch in planned] == [0, 1, 2, 0, 1, 2]
+    # counts_at(step) describes that step's batch, not the planner's position (MixtureMonitor reads it
+    # for steps the loader planned ahead of)
+    for batch in planned:
+        assert planner.counts_at(batch.step).tolist() == planned_counts(batch, 3).tolist()
 
 
 def test_repeat_policy_counts_passes():
@@ -153,6 +158,18 @@ def test_drop_policy_finishes_when_every_domain_is_dropped():
     while planner.plan_next() is not None:
         batches += 1
     assert batches == 4 and planner.finished
+
+
+@pytest.mark.parametrize('batching', ['mix', 'round_robin'])
+def test_drop_policy_finishes_when_only_domains_of_weight_zero_are_left(batching):
+    """Domain 0, the only one with weight, runs out mid-batch (10 samples, batches of 4): the mixture ends
+    there instead of failing to share the rest of the batch among weights that sum to 0."""
+    planner = MixturePlanner([10, 100], 4, weights=[1.0, 0.0], on_exhausted='drop', batching=batching)
+    batches = []
+    while (batch := planner.plan_next()) is not None:
+        batches.append(planned_counts(batch, 2).tolist())
+    assert planner.finished and planner.active.tolist() == [False, True]
+    assert batches == ([[4, 0], [4, 0]] if batching == 'mix' else [[4, 0], [0, 4], [4, 0], [0, 4]])
 
 
 def test_stop_policy_stops_before_a_second_pass():

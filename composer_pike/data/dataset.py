@@ -233,7 +233,8 @@ class MixtureDataset(Dataset):
 
     @property
     def finished(self) -> bool:
-        """True once the exhaustion policy ended the mixture (``on_exhausted='stop'``)."""
+        """True once the exhaustion policy ended the mixture (``'stop'``, or ``'drop'`` with no domain of
+        positive weight left) and the trainer has taken its last batch."""
         return self.planner.finished and self.sampler.consumed >= self.planner.step
 
     def probe_batch(self, domain: int, num_samples: int, num_chunks: int = 1, rank: int = 0,

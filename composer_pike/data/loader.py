@@ -16,7 +16,7 @@ from composer_pike.data.probe_order import ProbeOrder
 log = logging.getLogger(__name__)
 
 ENDED_BUT_ASKED_AGAIN = (
-    "the mixture has ended (on_exhausted='stop') and a second pass over the loader found nothing to "
+    "the mixture has ended (on_exhausted={policy!r}) and a second pass over the loader found nothing to "
     'yield, and no Composer Trainer was found driving it to stop. Stop the loop at '
     'MixtureDataset.finished, or set the run length within the data')
 
@@ -24,9 +24,9 @@ ENDED_BUT_ASKED_AGAIN = (
 class MixtureDataLoader(DataLoader):
     """A DataLoader over a :class:`MixtureDataset` that tells the sampler which batches were taken.
 
-    When an ``on_exhausted='stop'`` mixture ends, the pass that yielded its last batch ends and the
-    Composer Trainer iterating the loader (plain Composer, llm-foundry, ``composer_pike.train``) is
-    told to stop (``State.stop_training``): training ends cleanly at the last batch, whoever built
+    When the mixture ends (``on_exhausted='stop'``, or ``'drop'`` once no domain of positive weight is
+    left), the pass that yielded its last batch ends and the Composer Trainer iterating the loader
+    (plain Composer, llm-foundry, ``composer_pike.train``) is told to stop (``State.stop_training``): training ends cleanly at the last batch, whoever built
     the Trainer and whatever callbacks it has, instead of starting empty epochs for ever. A caller
     that is not a Trainer sees one empty pass, and a second one raises :data:`ENDED_BUT_ASKED_AGAIN`.
     """
@@ -46,7 +46,7 @@ class MixtureDataLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         sampler: MixtureBatchSampler = self.batch_sampler  # type: ignore[assignment]
         if self._empty_passes and self.dataset.finished:
-            raise RuntimeError(ENDED_BUT_ASKED_AGAIN)
+            raise RuntimeError(ENDED_BUT_ASKED_AGAIN.format(policy=sampler.planner.on_exhausted))
         yielded = False
         for batch in super().__iter__():
             sampler.mark_consumed()
@@ -54,10 +54,10 @@ class MixtureDataLoader(DataLoader):
             yield batch
         self._empty_passes = 0 if yielded else self._empty_passes + 1
         if self.dataset.finished:
-            stop_driving_trainer(sys._getframe(1))
+            stop_driving_trainer(sys._getframe(1), sampler.planner.on_exhausted)
 
 
-def stop_driving_trainer(frame: Any) -> None:
+def stop_driving_trainer(frame: Any, policy: str) -> None:
     """Stop the Composer Trainer whose training loop is iterating this loader, if one is.
 
     A DataLoader has no reference to the Trainer that iterates it. The caller frames do: Composer's
@@ -71,8 +71,8 @@ def stop_driving_trainer(frame: Any) -> None:
         owner = frame.f_locals.get('self')
         if isinstance(owner, Trainer):
             if owner.state.timestamp < owner.state.max_duration:
-                log.info('the mixture has ended (on_exhausted=stop) at batch %d: stopping training',
-                         int(owner.state.timestamp.batch))
+                log.info('the mixture has ended (on_exhausted=%s) at batch %d: stopping training',
+                         policy, int(owner.state.timestamp.batch))
                 owner.state.stop_training()
             return
         frame = frame.f_back

@@ -82,7 +82,7 @@ class MixturePlanner:
             ``'round_robin'`` (whole batches from each active domain in turn).
         on_exhausted: what happens when a domain has been read once: ``'repeat'`` (start its next
             pass, reshuffled), ``'drop'`` (the domain becomes inactive and the others are
-            renormalised) or ``'stop'`` (planning ends before the first batch that would need a
+            renormalised; planning ends when no domain of positive weight is left) or ``'stop'`` (planning ends before the first batch that would need a
             second pass of any domain).
         seed: shuffling and random-batching seed.
         shard_sizes: samples per shard for each domain; used for locality-preserving shuffles.
@@ -141,7 +141,6 @@ class MixturePlanner:
         self.cursors = np.zeros(num_domains, dtype=np.int64)
         self.epochs = np.zeros(num_domains, dtype=np.int64)
         self.active = np.ones(num_domains, dtype=bool)
-        self.turns = 0  # round-robin turns taken
         self.finished = False
         self.schedule: list[tuple[int, np.ndarray]] = [(0, initial)]
         # Current pass order of every domain, concatenated: domain k occupies
@@ -201,7 +200,7 @@ class MixturePlanner:
             rng = np.random.default_rng([self.seed, step, 1])
             counts[rng.choice(num_domains, p=w)] = batch
         else:  # round_robin over active domains
-            counts[np.flatnonzero(self.active)[self.turns % int(self.active.sum())]] = batch
+            counts[np.flatnonzero(self.active)[step % int(self.active.sum())]] = batch
         return counts
 
     def plan_next(self) -> PlannedBatch | None:
@@ -216,24 +215,24 @@ class MixturePlanner:
         domains, indices = [], []
         owed = self._take(counts, domains, indices)
         while owed > 0:  # a domain was dropped mid-batch: the others fill its place
-            if not self.active.any():
+            if not self.active_weights(self.step).any():  # none left, or only domains of weight 0
                 self.finished = True
                 return None
             top_up = apportion(self.active_weights(self.step), owed) if self.batching == 'mix' else \
                 self._whole_batch_counts(owed)
             owed = self._take(top_up, domains, indices)
         self.step += 1
-        self.turns += 1
         domain_ids = np.concatenate(domains)
         sample_ids = np.concatenate(indices)
         by_domain = np.argsort(domain_ids, kind='stable')
         return PlannedBatch(self.step - 1, domain_ids[by_domain], sample_ids[by_domain])
 
     def _whole_batch_counts(self, count: int) -> np.ndarray:
-        """Give ``count`` samples to the first active domain (random / round-robin top-up after a drop)."""
+        """Give ``count`` samples to the active domain whose round-robin turn this step is (random /
+        round-robin top-up after a drop)."""
         counts = np.zeros(self.num_domains, dtype=np.int64)
         if self.active.any():
-            counts[np.flatnonzero(self.active)[self.turns % int(self.active.sum())]] = count
+            counts[np.flatnonzero(self.active)[self.step % int(self.active.sum())]] = count
         return counts
 
     def _take(self, counts: np.ndarray, domains: list, indices: list) -> int:
@@ -313,7 +312,6 @@ class MixturePlanner:
             'cursors': self.cursors.tolist(),
             'epochs': self.epochs.tolist(),
             'active': self.active.tolist(),
-            'turns': int(self.turns),
             'finished': bool(self.finished),
         }
         if include_schedule:
@@ -328,6 +326,5 @@ class MixturePlanner:
         self.cursors = np.asarray(state['cursors'], dtype=np.int64)
         self.epochs = np.asarray(state['epochs'], dtype=np.int64)
         self.active = np.asarray(state['active'], dtype=bool)
-        self.turns = int(state['turns'])
         self.finished = bool(state['finished'])
         self.schedule = [(int(s), np.asarray(w, dtype=np.float64)) for s, w in state['schedule']]
