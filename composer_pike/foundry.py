@@ -37,6 +37,7 @@ IGNORED_STREAMING_OPTIONS = (
     'allow_unsafe_types', 'replication', 'stream_name', 'stream_config', 'eos_token_id', 'bos_token_id')
 STREAM_KEYS = ('remote', 'local', 'split', 'proportion', 'download_retry', 'download_timeout', 'validate_hash',
                'keep_zip')
+STREAM_SHARD_OPTIONS = ('download_retry', 'download_timeout', 'validate_hash')  # one value for every stream
 LOADER_ONLY = ('rank', 'world_size')  # come from the launcher, never from the YAML
 
 
@@ -148,6 +149,7 @@ def sources_from_foundry_dataset(block: dict[str, Any]) -> tuple[list[DomainSour
     if unknown:
         raise ValueError(f'train_loader.dataset.{unknown[0]}: not an option of the pike_mixture loader')
     sources, proportions = [], {}
+    stream_options: dict[str, dict[str, Any]] = {}  # option -> {stream: value}
     for name, stream in dict(streams).items():
         stream = dict(stream)
         unknown = sorted(set(stream) - set(STREAM_KEYS))
@@ -164,13 +166,40 @@ def sources_from_foundry_dataset(block: dict[str, Any]) -> tuple[list[DomainSour
         sources.append(DomainSource(str(name), str(local), str(remote) if remote else None))
         if 'proportion' in stream:
             proportions[str(name)] = float(stream['proportion'])
-        for key in ('download_retry', 'download_timeout', 'validate_hash'):
+        for key in STREAM_SHARD_OPTIONS:
             if key in stream:
-                shard_options.setdefault(key, stream[key])
+                stream_options.setdefault(key, {})[str(name)] = stream[key]
+        if 'keep_zip' in stream:
+            log.warning('pike_mixture ignores train_loader.dataset.streams.%s.keep_zip', name)
+    shard_options.update(one_value_per_option(stream_options, shard_options, [source.name for source in sources]))
     if proportions and len(proportions) != len(sources):
         missing = [s.name for s in sources if s.name not in proportions]
         raise ValueError(f'train_loader.dataset.streams.{missing[0]}.proportion is missing: give every stream one, or none')
     return sources, proportions or None, shard_options, tokens, loader_defaults
+
+
+def one_value_per_option(stream_options: dict[str, dict[str, Any]], block_options: dict[str, Any],
+                         names: list[str]) -> dict[str, Any]:
+    """The shard options the streams set, as one value each: the mixture reads every domain with the same.
+
+    Streams that set an option must agree with each other and with the ``dataset`` block; a hash check
+    set on some streams must be set on all (a stream written without hashes fails one).
+    """
+    chosen = {}
+    for key, by_stream in stream_options.items():
+        values = dict(by_stream)
+        if key in block_options:
+            values['(the dataset block)'] = block_options[key]
+        if len({repr(value) for value in values.values()}) > 1:
+            listed = ', '.join(f'{where}: {value!r}' for where, value in values.items())
+            raise ValueError(f'train_loader.dataset.streams.*.{key}: pike_mixture reads every domain with one '
+                             f'{key}, but the streams set different values ({listed}); set it once in the dataset block')
+        unset = [name for name in names if name not in by_stream]
+        if key == 'validate_hash' and unset and key not in block_options:
+            raise ValueError(f'train_loader.dataset.streams.{unset[0]}.validate_hash is not set while other streams '
+                             f'set it: pike_mixture checks every domain or none; set it once in the dataset block')
+        chosen[key] = next(iter(values.values()))
+    return chosen
 
 
 def _domain_eval_spec(sources: list[DomainSource], domain: str, batch_size: int, tokens: TokenReader,

@@ -129,6 +129,32 @@ def test_a_streams_block_names_what_it_cannot_take(tmp_path, caplog):
     assert 'ignores train_loader.dataset.predownload, shuffle_algo' in caplog.text
 
 
+def test_stream_shard_options_apply_to_every_domain_only_when_the_streams_agree(tmp_path, caplog):
+    """The mixture reads every domain with one download_timeout / download_retry / validate_hash: streams that
+    set one must agree, and a hash check cannot come from some streams only (llm-foundry's converters
+    record no hashes, so a stream without one would fail it)."""
+    from composer_pike.foundry import sources_from_foundry_dataset
+
+    def options(web: dict, code: dict, **block_options) -> dict:
+        block = foundry_streams(tmp_path)
+        block['streams']['web'].update(web)
+        block['streams']['code'].update(code)
+        return sources_from_foundry_dataset({**block, **block_options})[2]
+
+    assert options({'download_timeout': 30}, {'download_timeout': 30}) == {'download_timeout': 30}
+    assert options({'download_retry': 5}, {}) == {'download_retry': 5}  # more attempts harm no domain
+    assert options({'validate_hash': 'xxh64'}, {}, validate_hash='xxh64') == {'validate_hash': 'xxh64'}
+    with pytest.raises(ValueError, match=r"streams.\*.download_timeout: .*web: 30, code: 600"):
+        options({'download_timeout': 30}, {'download_timeout': 600})
+    with pytest.raises(ValueError, match=r"web: 30, \(the dataset block\): 60"):
+        options({'download_timeout': 30}, {}, download_timeout=60)
+    with pytest.raises(ValueError, match=r"streams.web.validate_hash is not set while other streams set it"):
+        options({}, {'validate_hash': 'xxh64'})
+    with caplog.at_level(logging.WARNING, logger='composer_pike.foundry'):
+        options({'keep_zip': True}, {})
+    assert 'ignores train_loader.dataset.streams.web.keep_zip' in caplog.text
+
+
 def test_a_domain_evaluation_loader_is_one_plain_pass_of_that_domain(tmp_path):
     """As an eval loader (`domain` set) every val sample of the domain comes once, in order, unweighted."""
     build = entry_point('llmfoundry_dataloaders', 'pike_mixture')
