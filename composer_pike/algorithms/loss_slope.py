@@ -187,7 +187,7 @@ class LossSlope(Algorithm):
         if self.tau > 0 and np.isfinite(latest[mask]).all():
             coefficients = balanced_coefficients(np.where(mask, latest, 0.0), self.tau, active=mask)
         with np.errstate(divide='ignore'):
-            current = np.log(mixture.planner.schedule[-1][1])
+            current = np.log(mixture.latest_weights()[1])
         evidence = elasticity_scores(elasticities, errors, np.exp(current), step_size=self.step_size,
                                      evidence_z=self.evidence_z, loss_weights=coefficients, active=mask)
         result = apply_scores(current, evidence.scores, active=mask, score_clip=self.score_clip, min_weight=floor,

@@ -275,10 +275,10 @@ class PiKE(Algorithm):
 
     @property
     def log_weights(self) -> np.ndarray:
-        """Log of the weights PiKE last scheduled (the loader's schedule holds the weights)."""
+        """Log of the weights PiKE last scheduled (the loader holds them)."""
         assert self.mixture is not None
         with np.errstate(divide='ignore'):
-            return np.log(self.mixture.planner.schedule[-1][1])
+            return np.log(self.mixture.latest_weights()[1])
 
     def domains_to_probe(self) -> np.ndarray:
         """Active domains this check probes: the ``domains_per_check`` least recently probed (ties: index)."""
@@ -420,7 +420,7 @@ class PiKE(Algorithm):
         mixture, pooled = self.mixture, self.pooled
         assert mixture is not None and pooled is not None
         names = mixture.domain_names
-        counts = mixture.counts_at(mixture.planner.schedule[-1][0])
+        counts = mixture.counts_at(mixture.latest_weights()[0])
         epochs = mixture.domain_epochs()
         metrics: dict[str, float] = {'pike/skipped': float(result.skipped), 'pike/checks': float(self.checks),
                                      'pike/probe_samples': float(self.probe_samples),

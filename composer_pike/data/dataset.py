@@ -215,6 +215,12 @@ class MixtureDataset(Dataset):
         self.planner.schedule_weights(weights, effective)
         return effective
 
+    def latest_weights(self) -> tuple[int, np.ndarray]:
+        """(first step, weights) of the latest weights scheduled: what the last ``set_weights`` asked for,
+        not renormalised over the active domains (the initial weights until then)."""
+        step, weights = self.planner.schedule[-1]
+        return step, weights.copy()
+
     def weights_at(self, step: int) -> np.ndarray:
         """Mixing weights in force at global step ``step`` (inactive domains zeroed).
 

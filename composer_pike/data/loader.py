@@ -107,7 +107,8 @@ def build_mixture_dataloader(
     Args:
         global_batch_size: samples per optimizer step over all ranks (divisible by world size).
         steps_per_epoch: batches per Composer epoch; default: total train samples // batch.
-        delay: effective-step delay (see module docstring); default and minimum: the look-ahead.
+        delay: weights set after step t take effect at step t + 1 + delay (the effective-step rule of
+            :mod:`composer_pike.data`); default and minimum: the look-ahead, num_workers x prefetch_factor.
         prefetch_steps: remote shards needed within this many steps are downloaded in advance.
         rank / world_size: default from ``composer.utils.dist``.
     """
