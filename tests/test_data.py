@@ -43,7 +43,7 @@ W1 = [0.1, 0.1, 0.8]  # [1, 1, 6]
 W2 = [0.25, 0.5, 0.25]  # [2, 4, 2]
 COUNTS = {tuple(W0): [4, 2, 2], tuple(W1): [1, 1, 6], tuple(W2): [2, 4, 2]}
 N_STEPS = 26  # more than one epoch: steps_per_epoch = 158 // 8 = 19
-LAUNCH_TIMEOUT = 240
+LAUNCH_TIMEOUT = 600
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from omegaconf import OmegaConf
 
 require_llmfoundry()
 
+# Each llm-foundry run may take foundry_train's 900 s; a test runs up to two of them.
+pytestmark = pytest.mark.timeout(1800)
+
 PIKE_YAML = REPO / 'yamls' / 'llmfoundry' / 'pike.yaml'
 STREAMS_YAML = REPO / 'yamls' / 'llmfoundry' / 'streams.yaml'
 DEMO_DOMAINS = ('python_stdlib', 'licenses', 'c_headers', 'pydoc_topics')

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {'device', 'tests', 'overhead_ratio', 'peak_mem_ratio', 'mix_samples_per_s', 'pike_samples_per_s',
         'mix_peak_bytes', 'pike_peak_bytes', 'loader_samples_per_s', 'plain_streaming_samples_per_s',
         'loader_headroom', 'wall_s'}
 
 
+@pytest.mark.timeout(1600)  # above the script's own limit (the default per-test limit is 900 s)
 def test_the_gpu_check_runs_on_cpu_and_ends_with_its_json_line(tmp_path):
     env = {**os.environ, 'PYTHON': sys.executable, 'TMPDIR': str(tmp_path), 'CUDA_VISIBLE_DEVICES': ''}
     done = subprocess.run(['bash', 'benchmarks/gpu_check.sh', '--cpu'], cwd=REPO, env=env, capture_output=True,
