@@ -32,7 +32,8 @@ from composer_pike.algorithms import LossSlope, PiKE
 from composer_pike.algorithms.conflicts import conflict_report
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.data.planner import validate_weights
-from composer_pike.weights import apply_scores, apportion, balanced_coefficients, default_min_weight, pike_update
+from composer_pike.weights import (apply_scores, apportion, balanced_coefficients, default_min_weight,
+                                   evidence_scores, pike_update)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import algorithm_worker as worker  # noqa: E402
@@ -623,9 +624,18 @@ def logged(run: Run, kinds, check: int) -> dict[str, np.ndarray]:
     return {kind: np.array([run.series[f'pike/{kind}/{n}'][check][1] for n in NAMES]) for kind in kinds}
 
 
-def test_evidence_updates_follow_the_logged_statistics(dataset):
+def test_evidence_updates_follow_the_logged_statistics(dataset, monkeypatch):
     """Each check's weights are apply_scores of the logged scores from the previous weights, and each score
-    is step_size times the advantage beyond critical_z standard errors, clipped (weights.evidence_scores)."""
+    is step_size times the advantage beyond critical_z standard errors, clipped (weights.evidence_scores),
+    which PiKE feeds the pooled statistics, the weights in force and the logged zeta ratio."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        result = evidence_scores(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+
+    monkeypatch.setattr(algorithm_module, 'evidence_scores', recording)
     run = fit(dataset, algorithms=[make_pike(check_interval=2, evidence_z=1.0)], max_duration='8ba')
     algorithm = run.trainer.state.algorithms[0]
     log_weights = np.log(np.full(len(NAMES), 1 / len(NAMES)))
@@ -641,9 +651,20 @@ def test_evidence_updates_follow_the_logged_statistics(dataset):
         log_weights = step.log_weights
         moved += bool(np.any(at['score'] != 0))
     assert moved  # the test saw at least one update that moved
-    # The weights are Algorithm 1's direction: above the mixture's score means more weight.
-    at = logged(run, ('advantage', 'score'), 0)
-    assert np.all(np.sign(at['score']) * np.sign(at['advantage']) >= 0)
+    assert len(calls) == len(run.values('pike/critical_z'))
+    weights = np.full(len(NAMES), 1 / len(NAMES))
+    for check, ((grad, variance, grad_var, *_rest), options, result) in enumerate(calls):
+        at = logged(run, ('pooled/grad_sq_norm', 'pooled/grad_sq_norm_se', 'pooled/variance', 'advantage',
+                          'weight'), check)
+        np.testing.assert_allclose(grad, at['pooled/grad_sq_norm'], rtol=1e-12)  # pooled, not this probe's
+        np.testing.assert_allclose(np.sqrt(grad_var), at['pooled/grad_sq_norm_se'], rtol=1e-12)
+        np.testing.assert_allclose(variance, at['pooled/variance'], rtol=1e-12)
+        np.testing.assert_allclose(_rest[-1], weights, rtol=1e-12)  # the weights in force before the check
+        assert options['zeta_ratio'] == run.values('pike/zeta_ratio')[check]
+        assert options['batch_size'] == BATCH_SIZE and options['evidence_z'] == 1.0
+        assert 'inner_products' in options  # the alignment terms are on by default
+        np.testing.assert_allclose(result.advantage, at['advantage'], rtol=1e-12)
+        weights = at['weight']
 
 
 def test_alignment_terms_come_from_the_pooled_inner_products(dataset, reference):
