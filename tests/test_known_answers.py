@@ -1,9 +1,8 @@
 """Known-answer mixtures for the default update rule (PIKE_MATH.md s.9), on simulated probes.
 
 Each check draws every domain's M chunk-mean gradients from a Gaussian model with a known mean gradient
-and noise, runs them through the same estimators, pooling and update the algorithm uses
-(:mod:`composer_pike.stats`, :mod:`composer_pike.weights`) with the product defaults, and follows the
-weights. The sizes are the demo's: batch b = 32, probes of 32 samples (M = 8 chunks of 4), noise scale
+and noise, hands them to PiKE in place of its probe (the Composer algorithm itself, with the product
+defaults, over a simulated mixture), and follows the weights. The sizes are the demo's: batch b = 32, probes of 32 samples (M = 8 chunks of 4), noise scale
 sigma^2/G = 200 samples (G-hat's relative standard deviation per probe is about 1.5: a coin toss).
 
 The legacy rule (zetas re-calibrated at every check so the largest score is 0.3 nats) runs on the same
@@ -11,17 +10,47 @@ probes as a power check: it wanders on noise, and the bounds below fail it.
 """
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+from unittest.mock import patch
+
 import numpy as np
 import pytest
+import torch
+from composer.core import Event
 
+import composer_pike.algorithms.pike as pike_module
 from composer_pike.algorithms import PiKE
-from composer_pike.stats import PooledStatistics, estimate_from_sums
-from composer_pike.weights import apply_scores, auto_zeta_ratio, default_min_weight, evidence_scores, pike_update
+from composer_pike.stats import GradientStatistics, estimate_from_sums
+from composer_pike.weights import apportion, default_min_weight, pike_update
 
 DIM, NUM_CHUNKS, CHUNK_SIZE, BATCH = 200, 8, 4, 32
 DEFAULTS = PiKE()  # the product defaults: step_size, evidence_z, pool_decay, score_clip
 NULL_BOUND = 0.25  # nats: how far weights that should stay equal may drift apart
 DUPLICATE_BOUND = 0.35  # nats: |log(w_a / w_b)| of two copies of one domain (worst of 8 seeds: 0.32)
+
+
+class SimulatedMixture:
+    """What PiKE reads and writes of a MixtureDataset, for K simulated domains: weights take effect at once."""
+
+    def __init__(self, num_domains: int) -> None:
+        self.domain_names = [f'd{k}' for k in range(num_domains)]
+        self.num_domains = num_domains
+        self.planner = SimpleNamespace(active=np.ones(num_domains, dtype=bool), global_batch_size=BATCH)
+        self._latest = (0, np.full(num_domains, 1 / num_domains))
+
+    def latest_weights(self) -> tuple[int, np.ndarray]:
+        return self._latest[0], self._latest[1].copy()
+
+    def set_weights(self, weights, *, after_step: int) -> int:
+        self._latest = (after_step + 1, np.asarray(weights, dtype=np.float64))
+        return after_step + 1
+
+    def counts_at(self, step: int) -> np.ndarray:
+        return apportion(self._latest[1], BATCH)
+
+    def domain_epochs(self) -> np.ndarray:
+        return np.zeros(self.num_domains)
 
 
 def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
@@ -31,13 +60,15 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
     """Weights after each check for domains with true G = ``grad_sq_norms`` (all with sigma^2 = 1, noise
     spread over DIM directions; equal G means the same mean gradient, i.e. identical domains).
 
-    ``grad_sq_norms`` may also be a function of (check, each domain's summed weight over the checks so
-    far: how much it has been trained) giving the true G at that check. ``domains_per_check`` probes
-    only that many after the first check, least recently probed first (the algorithm's rotation).
-    ``drift_z`` is the pooling's (``inf``: plain decay, the power check of the drift test).
-    ``alignment``: the evidence rule with the alignment terms, from the chunk means' inner products
-    (exact, no sketch); the domains in ``orthogonal`` then have mean gradients orthogonal to the
-    shared direction and to each other. ``drift``, if given, receives each check's per-domain drift z.
+    PiKE itself (its Composer events, pooling and update, with the product defaults but for the probe
+    size) runs every check; only its probe and its mixture are simulated. ``grad_sq_norms`` may also be a
+    function of (check, each domain's summed weight over the checks so far: how much it has been trained)
+    giving the true G at that check. ``domains_per_check`` probes only that many after the first check
+    (PiKE's rotation). ``drift_z`` is the pooling's (``inf``: plain decay, the power check of the drift
+    test). ``alignment``: the evidence rule with the alignment terms, from the chunk means' inner products
+    (exact, no sketch); the domains in ``orthogonal`` then have mean gradients orthogonal to the shared
+    direction and to each other. ``drift``, if given, receives each check's per-domain drift z.
+    ``legacy``: the legacy rule instead of PiKE, on the same probes.
     """
     rng = np.random.default_rng(seed)
     truth_at = grad_sq_norms if callable(grad_sq_norms) else lambda check, trained: np.asarray(grad_sq_norms, float)
@@ -48,53 +79,54 @@ def simulate(grad_sq_norms, num_checks: int, seed: int, *, legacy: bool = False,
     if orthogonal:  # the other columns of a QR basis that starts with the shared direction
         basis = np.linalg.qr(np.column_stack([shared, rng.normal(size=(DIM, len(orthogonal)))]))[0]
         direction[list(orthogonal)] = basis[:, 1:].T
-    pooled = PooledStatistics(num_domains, decay=DEFAULTS.pool_decay, drift_z=drift_z)
-    last_probed = np.full(num_domains, -1.0)
-    log_weights = np.full(num_domains, -np.log(num_domains))
     trained = np.zeros(num_domains)
-    floor = default_min_weight(num_domains, BATCH)
-    history = []
-    for check in range(num_checks):
-        budget = num_domains if check == 0 else domains_per_check or num_domains  # the first check probes all
-        probed = np.sort(np.lexsort((np.arange(num_domains), last_probed))[:budget])
-        elapsed = np.maximum(check - last_probed[probed], 1.0)
-        last_probed[probed] = check
-        means = np.sqrt(truth_at(check, trained))[probed, None] * direction[probed]
-        chunks = means[:, None, :] + rng.normal(size=(len(probed), NUM_CHUNKS, DIM)) * np.sqrt(1 / DIM / CHUNK_SIZE)
+    check = 0
+
+    def probe(domains: np.ndarray) -> GradientStatistics:
+        means = np.sqrt(truth_at(check, trained))[domains, None] * direction[domains]
+        chunks = means[:, None, :] + rng.normal(size=(len(domains), NUM_CHUNKS, DIM)) * np.sqrt(1 / DIM / CHUNK_SIZE)
         chunk_norms = np.sum(chunks**2, axis=2)
-        grad, variance = (v.numpy() for v in estimate_from_sums(
-            np.sum(chunks.sum(1) ** 2, axis=1), chunk_norms.sum(1), num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE))
-        if legacy:
-            scores = grad - variance / (2 * BATCH)
-            zeta = 0.3 / np.abs(scores).max()
-            log_weights = pike_update(log_weights, grad, variance, zeta1=zeta, zeta2=zeta, batch_size=BATCH,
-                                      min_weight=0.05 / num_domains).log_weights
-        else:
-            pairs = {}
-            if alignment:  # the domains' chunk means are independent: <mean_j, mean_k> is unbiased
-                chunk_means = chunks.mean(1)
-                pairs = {'inner_products': chunk_means @ chunk_means.T,
-                         'inner_product_sketch_var': np.zeros((len(probed), len(probed)))}
-            pooled.update(probed, grad, variance, chunk_norms, np.zeros(len(probed)),
-                          num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE, checks_since_last_probe=elapsed, **pairs)
-            if drift is not None:
-                drift.append(pooled.last_drift.copy())
-            if not pooled.seen.all():  # the algorithm skips the update until every domain was probed
+        grad, variance = estimate_from_sums(np.sum(chunks.sum(1) ** 2, axis=1), chunk_norms.sum(1),
+                                            num_chunks=NUM_CHUNKS, chunk_size=CHUNK_SIZE)
+        chunk_means = chunks.mean(1)  # the domains' chunks are independent: <mean_j, mean_k> is unbiased
+        return GradientStatistics(grad, variance, torch.from_numpy(chunk_norms), None, NUM_CHUNKS, CHUNK_SIZE,
+                                  inner_products=torch.from_numpy(chunk_means @ chunk_means.T),
+                                  inner_product_sketch_var=torch.zeros(len(domains), len(domains), dtype=torch.float64))
+
+    def simulated_probe(state, mixture, domains, *, estimation_batch_size, num_chunks, **_options):
+        assert (estimation_batch_size, num_chunks) == (NUM_CHUNKS * CHUNK_SIZE, NUM_CHUNKS)
+        return probe(domains), np.zeros(len(domains))
+
+    mixture = SimulatedMixture(num_domains)
+    pike = PiKE(check_interval=1, estimation_batch_size=NUM_CHUNKS * CHUNK_SIZE, num_chunks=NUM_CHUNKS,
+                domains_per_check=domains_per_check, drift_z=drift_z, alignment=alignment)
+    state = SimpleNamespace(timestamp=SimpleNamespace(batch=0))
+    logger = SimpleNamespace(log_metrics=lambda metrics: None)
+    log_weights = np.full(num_domains, -np.log(num_domains))
+    history = []
+    with patch.object(pike_module, 'find_mixture', lambda state, name: mixture), \
+            patch.object(pike_module, 'probe_gradients', simulated_probe), \
+            warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the logged conflict monitor's warnings are not under test here
+        pike.apply(Event.FIT_START, state, logger)
+        for check in range(num_checks):
+            if legacy:
+                statistics = probe(np.arange(num_domains))
+                grad, variance = statistics.grad_sq_norms.numpy(), statistics.per_sample_variances.numpy()
+                scores = grad - variance / (2 * BATCH)
+                zeta = 0.3 / np.abs(scores).max()
+                log_weights = pike_update(log_weights, grad, variance, zeta1=zeta, zeta2=zeta, batch_size=BATCH,
+                                          min_weight=0.05 / num_domains).log_weights
                 history.append(np.exp(log_weights))
-                trained += history[-1]
-                continue
-            weights = np.exp(log_weights)
-            rho = auto_zeta_ratio(pooled.grad_sq_norms, pooled.per_sample_variances, weights, batch_size=BATCH)
-            scores = evidence_scores(
-                pooled.grad_sq_norms, pooled.per_sample_variances, pooled.grad_sq_var, pooled.variance_var,
-                pooled.covariance, weights, batch_size=BATCH, zeta_ratio=rho, step_size=DEFAULTS.step_size,
-                evidence_z=DEFAULTS.evidence_z, degrees_of_freedom=float(pooled.degrees_of_freedom.min()),
-                **({'inner_products': pooled.inner_products, 'inner_product_var': pooled.inner_product_var}
-                   if alignment else {}))
-            log_weights = apply_scores(log_weights, scores.scores, score_clip=DEFAULTS.score_clip,
-                                       min_weight=floor, reason=scores.reason).log_weights
-        history.append(np.exp(log_weights))
-        trained += history[-1]
+            else:
+                state.timestamp.batch = check + 1
+                for event in (Event.BEFORE_TRAIN_BATCH, Event.BATCH_END):
+                    assert pike.match(event, state), (event, check)
+                    pike.apply(event, state, logger)
+                if drift is not None:
+                    drift.append(pike.pooled.last_drift.copy())
+                history.append(mixture.latest_weights()[1])
+            trained += history[-1]
     return np.array(history)
 
 
