@@ -33,7 +33,7 @@ from composer_pike.algorithms.conflicts import conflict_report
 from composer_pike.data import MixtureDataset, loader_lookahead
 from composer_pike.data.planner import validate_weights
 from composer_pike.weights import (apply_scores, apportion, balanced_coefficients, default_min_weight,
-                                   evidence_scores, pike_update)
+                                   epoch_cap_upper_bounds, evidence_scores, pike_update)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import algorithm_worker as worker  # noqa: E402
@@ -665,6 +665,25 @@ def test_evidence_updates_follow_the_logged_statistics(dataset, monkeypatch):
         assert 'inner_products' in options  # the alignment terms are on by default
         np.testing.assert_allclose(result.advantage, at['advantage'], rtol=1e-12)
         weights = at['weight']
+
+
+@pytest.mark.parametrize('max_duration', ['16ba', '128sp'])
+def test_max_epochs_per_domain_caps_the_weights_by_the_samples_left(dataset, max_duration):
+    """``max_epochs_per_domain=1`` over domains of 60, 50 and 40 samples and 16 batches of 8: a weight may not
+    exceed (one pass - samples consumed) / samples left in the run, whatever unit max_duration is in. The
+    40-sample domain's cap is below 1/3 from the first check on, so the cap binds with no evidence at all."""
+    run = fit(dataset, algorithms=[make_pike(check_interval=2, max_epochs_per_domain=1.0)], max_duration=max_duration)
+    checks = [batch for batch, _ in run.series['pike/weight/d0']]
+    assert checks == [1, 3, 5, 7, 9, 11, 13, 15]  # logged at BATCH_END of batches 0, 2, ... (first_check=0)
+    for check, batch in enumerate(checks):
+        at = logged(run, ('weight', 'epochs'), check)
+        remaining = (16 - batch) * BATCH_SIZE
+        cap = epoch_cap_upper_bounds(DOMAIN_SIZES, remaining, 1.0,
+                                     samples_consumed=at['epochs'] * np.array(DOMAIN_SIZES))
+        assert np.all(at['weight'] <= np.minimum(cap, 1.0) + 1e-12), (batch, at['weight'], cap)
+        assert at['weight'].sum() == pytest.approx(1.0)
+    first = logged(run, ('weight',), 0)['weight']
+    assert first[2] < 1 / 3 - 0.01  # (40 - its 2 samples of the first batch) / 120 samples left = 0.317
 
 
 def test_alignment_terms_come_from_the_pooled_inner_products(dataset, reference):
