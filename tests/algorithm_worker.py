@@ -138,9 +138,9 @@ class Recorder(Callback):
 
 
 def pike_series(logger: InMemoryLogger) -> dict[str, list[tuple[int, float]]]:
-    """Every ``pike/*`` metric as [(timestamp.batch at logging, value), ...]."""
+    """Every ``pike/*`` and ``mixture/*`` metric as [(timestamp.batch at logging, value), ...]."""
     return {key: [(int(ts.batch), float(value)) for ts, value in values]
-            for key, values in logger.data.items() if key.startswith('pike/')}
+            for key, values in logger.data.items() if key.startswith(('pike/', 'mixture/'))}
 
 
 def make_pike(**overrides: Any) -> PiKE:

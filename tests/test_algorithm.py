@@ -686,6 +686,28 @@ def test_max_epochs_per_domain_caps_the_weights_by_the_samples_left(dataset, max
     assert first[2] < 1 / 3 - 0.01  # (40 - its 2 samples of the first batch) / 120 samples left = 0.317
 
 
+def test_mixture_monitor_logs_the_next_batch_and_the_samples_consumed(dataset):
+    """MixtureMonitor at step s (batches 0..s-1 trained): the weights and counts of batch s, as the trainer
+    then received it, and the passes over each domain that batches 0..s-1 made."""
+    from composer_pike.callbacks import MixtureMonitor
+
+    run = fit(dataset, algorithms=[make_pike(check_interval=2)], callbacks=[MixtureMonitor(interval=2)])
+    counts = step_counts(run.recorder)
+    steps = [step for step, _ in run.series['mixture/weight/d0']]
+    assert steps == [1, 2, 4, 6, 8]
+    moved = False
+    for step in steps:
+        at = {kind: np.array([dict(run.series[f'mixture/{kind}/{n}'])[step] for n in NAMES])
+              for kind in ('weight', 'batch_count', 'epochs')}
+        consumed = sum(counts[s] for s in range(step))
+        np.testing.assert_allclose(at['epochs'], consumed / np.array(DOMAIN_SIZES), rtol=1e-12)
+        if step < 8:  # the last step has no next batch
+            assert at['batch_count'].tolist() == counts[step].tolist()
+            assert apportion(at['weight'], BATCH_SIZE, min_count=1).tolist() == counts[step].tolist()
+        moved |= not np.allclose(at['weight'], 1 / len(NAMES))
+    assert moved  # the monitor followed PiKE's changes, not only the initial weights
+
+
 def test_alignment_terms_come_from_the_pooled_inner_products(dataset, reference):
     """The default (alignment on with update='evidence'): each check logs the pooled inner products of every
     pair and, per domain, alignment_terms of them; the probe is the same as without (same G's), the
