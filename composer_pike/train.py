@@ -392,6 +392,12 @@ def build_model(config: DictConfig, vocab_size: int, seq_len: int, eos_token_id:
     spec = config.model
     if spec.pretrained_path:
         network = transformers.AutoModelForCausalLM.from_pretrained(spec.pretrained_path, local_files_only=True)
+        model_vocab = network.get_input_embeddings().num_embeddings
+        positions = getattr(network.config, 'max_position_embeddings', None) or getattr(network.config, 'n_positions', None)
+        if model_vocab < vocab_size or (positions is not None and positions < seq_len):
+            raise ConfigError(f"config key 'model.pretrained_path': {spec.pretrained_path} has {model_vocab} token "
+                              f"embeddings and {positions} positions; the data needs token ids below {vocab_size} "
+                              f"and {seq_len} positions")
     elif spec.family == 'gpt2':
         network = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=seq_len, n_embd=spec.d_model, n_layer=spec.n_layers,

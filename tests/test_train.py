@@ -18,8 +18,8 @@ from mds_helpers import write_domain
 
 from composer_pike.algorithms import LossSlope, PiKE
 from composer_pike.policies import POLICIES, plan_policy, temperature_weights
-from composer_pike.train import (ConfigError, LossSlopeConfig, PiKEConfig, build_loggers, check_machine, load_config,
-                                 loss_slope_options, main, pike_options, train)
+from composer_pike.train import (ConfigError, LossSlopeConfig, PiKEConfig, build_loggers, build_model, check_machine,
+                                 load_config, loss_slope_options, main, pike_options, train)
 from launch_helpers import free_port
 from test_data import with_private_shm
 
@@ -115,6 +115,29 @@ def test_bad_keys_and_values_name_the_key(override, key, hint):
     with pytest.raises(ConfigError, match=key) as error:
         load_config(DEMO_YAML, [override])
     assert hint in str(error.value)
+
+
+def test_models_from_config_and_from_a_local_pretrained_directory(tmp_path):
+    """Both model families build from the config's sizes; a local pretrained directory loads as saved, and one too
+    small for the data (vocabulary or positions) fails naming the key instead of an index error in training."""
+    import torch
+    import transformers
+
+    for family, network_class in (('gpt2', transformers.GPT2LMHeadModel), ('llama', transformers.LlamaForCausalLM)):
+        config = load_config(DEMO_YAML, [f'model.family={family}', 'model.d_model=32', 'model.n_layers=2',
+                                         'model.n_heads=2'])
+        network = build_model(config, 300, 64, 0, 1).model
+        assert isinstance(network, network_class)
+        assert network.get_input_embeddings().weight.shape == (300, 32)
+        assert network.config.num_hidden_layers == 2
+    saved = tmp_path / 'pretrained'
+    network.save_pretrained(saved)  # the llama one: vocabulary 300, 64 positions
+    loaded = build_model(load_config(DEMO_YAML, [f'model.pretrained_path={saved}']), 300, 64, 0, 1).model
+    assert isinstance(loaded, transformers.LlamaForCausalLM)
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, network.get_input_embeddings().weight)
+    for vocab_size, seq_len in ((301, 64), (300, 65)):
+        with pytest.raises(ConfigError, match=r"'model.pretrained_path'.*300 token embeddings and 64 positions"):
+            build_model(load_config(DEMO_YAML, [f'model.pretrained_path={saved}']), vocab_size, seq_len, 0, 1)
 
 
 def test_yaml_syntax_error_names_the_file(tmp_path):
