@@ -331,6 +331,24 @@ def run(root, name, *overrides, interrupt=None):
     return trainer, recorder, read_series(root / f'{name}.jsonl')
 
 
+@pytest.mark.parametrize('policy, overrides', [
+    ('fixed', ['mixing.weights={d0: 0.5, d1: 0.25, d2: 0.25}']),
+    ('round_robin', []),
+])
+def test_static_policies_train_the_batches_they_plan(tmp_path, policy, overrides):
+    """The entry point with a static policy: no mixing algorithm, and every step's batch is the plan's (fixed:
+    4/2/2 of 8 every step; round_robin: whole batches of d0, d1, d2 in turn); the monitor logs the plan."""
+    trainer, recorder, series = run(tmp_path, policy, f'mixing.policy={policy}', *overrides)
+    assert not [a for a in trainer.state.algorithms if isinstance(a, (PiKE, LossSlope))]
+    assert not [key for key in series if key.startswith(('pike/', 'loss_slope/'))]
+    assert sorted(recorder.rows) == list(range(TOTAL))
+    for step, rows in recorder.rows.items():
+        counts = np.bincount([domain for domain, _ in rows], minlength=3).tolist()
+        assert counts == ([4, 2, 2] if policy == 'fixed' else [8 * (k == step % 3) for k in range(3)]), step
+    logged = {step: value for step, value in series['mixture/weight/d0']}
+    assert logged and all(value == (0.5 if policy == 'fixed' else 1 / 3) for value in logged.values())
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp('uninterrupted')
