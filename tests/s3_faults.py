@@ -100,6 +100,8 @@ class FaultyS3Proxy:
         self.plan = plan
         self.counts: Counter[str] = Counter()
         self.gets: Counter[str] = Counter()   # GETs seen per key
+        self.get_log: dict[str, list[str]] = {}  # per key, each GET: client port, time, fault, and a failure
+        self._started = time.monotonic()
         self._streak: Counter[str] = Counter()  # consecutive faults per key
         self._lock = threading.Lock()
         proxy = self
@@ -108,7 +110,14 @@ class FaultyS3Proxy:
             protocol_version = 'HTTP/1.1'
 
             def do_GET(self) -> None:
-                proxy._handle(self)
+                try:
+                    proxy._handle(self)
+                except OSError as error:  # the connection to the client or to moto broke: the client retries
+                    if hasattr(self, 'get_entry'):
+                        with proxy._lock:
+                            key, index = self.get_entry
+                            proxy.get_log[key][index] += f', failed: {error!r}'
+                    raise
 
             do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
@@ -145,6 +154,12 @@ class FaultyS3Proxy:
         body = request.rfile.read(length) if length else b''
         key = urlsplit(request.path).path.lstrip('/').partition('/')[2]  # path-style: /bucket/key
         fault = self._decide(request.command, key)
+        if request.command == 'GET' and key:
+            with self._lock:
+                entries = self.get_log.setdefault(key, [])
+                request.get_entry = (key, len(entries))
+                entries.append(f'port {request.client_address[1]} at {time.monotonic() - self._started:.3f} s, '
+                               f'{fault or "ok"}')
         with self._lock:
             self.counts[fault or 'ok'] += 1
             errors = self.counts['error']
@@ -300,8 +315,9 @@ def flaky_read(workdir: Path, client: Any, upstream: str, num_workers: int, plan
                timeout: float = 240) -> dict[str, Any]:
     """Reads STEPS batches from S3 through ``plan``'s faults and from the local copies without any.
 
-    Returns ``{'expected', 'outcome', 'counts', 'gets'}``: the fault-free batches, :func:`in_thread`'s
-    outcome of the faulty read, the proxy's fault counts and its GETs per object key.
+    Returns ``{'expected', 'outcome', 'counts', 'gets', 'get_log'}``: the fault-free batches, :func:`in_thread`'s
+    outcome of the faulty read, the proxy's fault counts, its GETs per object key and, per key, which client
+    connection asked when.
     """
     remotes = upload_domains(client, workdir, f'pike-flaky-{num_workers}')
     local = MixtureDataset([DomainSource(f'd{k}', str(workdir / 'data' / f'd{k}')) for k in range(len(SIZES))])
@@ -311,7 +327,8 @@ def flaky_read(workdir: Path, client: Any, upstream: str, num_workers: int, plan
     with FaultyS3Proxy(upstream, plan) as proxy, s3_endpoint(proxy.endpoint_url):
         outcome = in_thread(lambda: read_steps(MixtureDataset(sources, validate_hash='xxh64', download_retry=3,
                                                               download_timeout=10), num_workers), timeout)
-    return {'expected': expected, 'outcome': outcome, 'counts': proxy.counts, 'gets': proxy.gets}
+    return {'expected': expected, 'outcome': outcome, 'counts': proxy.counts, 'gets': proxy.gets,
+            'get_log': proxy.get_log}
 
 
 def unavailable_read(workdir: Path, client: Any, upstream: str, needed: bool, timeout: float = 240) -> dict[str, Any]:

@@ -40,8 +40,13 @@ def test_workers_never_share_the_main_process_object_store_connections(s3_server
         result = flaky_read(tmp_path, s3_server.client(), s3_server.endpoint_url, num_workers=2, plan=FaultPlan())
     assert result['outcome'].get('value') == result['expected'], result['outcome']
     assert 'does not match' not in caplog.text
-    shard_gets = {key: n for key, n in result['gets'].items() if key.endswith(('.mds', '.mds.zstd'))}
-    assert shard_gets and set(shard_gets.values()) == {1}, shard_gets
+    # A GET whose connection broke before the answer was sent (the proxy's link to moto, under load) is
+    # retried by the S3 client: a transport retry, not a second download. Each shard file must be served once.
+    served = {key: [entry for entry in entries if 'failed' not in entry]
+              for key, entries in result['get_log'].items() if key.endswith(('.mds', '.mds.zstd'))}
+    assert served and all(served.values()), served
+    assert all(len(entries) == 1 for entries in served.values()), ({k: v for k, v in served.items() if len(v) > 1},
+                                                                  result['get_log'], caplog.text)
 
 
 def test_a_shard_that_stays_unavailable_ends_the_read_naming_domain_shard_and_remote(s3_server, tmp_path):
