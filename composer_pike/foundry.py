@@ -108,7 +108,8 @@ def _domains(settings: dict[str, Any]) -> tuple[list[DomainSource], dict[str, fl
                          '(an llm-foundry dataset block with `streams`)')
     split, cache_root = settings.pop('split', None), settings.pop('cache_root', None)
     if manifest is not None:
-        downloads = {key: dataset_options[key] for key in ('download_timeout', 'download_retry') if key in dataset_options}
+        downloads = {key: dataset_options[key] for key in ('download_timeout', 'download_retry')
+                     if key in dataset_options}
         return (sources_from_manifest(manifest, split or 'train', cache_root, **downloads), None,
                 {'validate_hash': 'xxh64', **dataset_options}, TokenReader(), {})
     if split is not None or cache_root is not None:
@@ -193,7 +194,8 @@ def one_value_per_option(stream_options: dict[str, dict[str, Any]], block_option
         if len({repr(value) for value in values.values()}) > 1:
             listed = ', '.join(f'{where}: {value!r}' for where, value in values.items())
             raise ValueError(f'train_loader.dataset.streams.*.{key}: pike_mixture reads every domain with one '
-                             f'{key}, but the streams set different values ({listed}); set it once in the dataset block')
+                             f'{key}, but the streams set different values ({listed}); set it once in the '
+                             'dataset block')
         unset = [name for name in names if name not in by_stream]
         if key == 'validate_hash' and unset and key not in block_options:
             raise ValueError(f'train_loader.dataset.streams.{unset[0]}.validate_hash is not set while other streams '

@@ -36,7 +36,7 @@ class DataConfig:
     eval_batch_size: int = 32            # per rank
     eval_max_batches: Optional[int] = None
     validate_hash: Optional[str] = 'xxh64'  # shards are checked before they are read; null: not at all
-    download_retry: int = 3              # attempts per remote file (each also retried by the S3 client)
+    download_retry: int = 3              # attempts after a failed one, per remote file and for the manifest
     download_timeout: float = 60         # seconds per remote file download
 
 
@@ -234,7 +234,8 @@ def validate(config: DictConfig) -> None:
         if value is not None and value < least:
             raise ConfigError(f"config key '{key}': must be at least {least}, got {value}")
     if not config.mixing.temperature > 0:
-        raise ConfigError(f"config key 'mixing.temperature': must be > 0 (w ~ n^(1/T)), got {config.mixing.temperature}")
+        raise ConfigError(f"config key 'mixing.temperature': must be > 0 (w ~ n^(1/T)), "
+                          f"got {config.mixing.temperature}")
     _choice('model.family', config.model.family, ('gpt2', 'llama'))
     _choice('mixing.pike.update', config.mixing.pike['update'], UPDATES)  # .update is DictConfig's method
     _choice('trainer.precision', config.trainer.precision, [p.value for p in Precision])
@@ -393,7 +394,8 @@ def build_model(config: DictConfig, vocab_size: int, seq_len: int, eos_token_id:
     if spec.pretrained_path:
         network = transformers.AutoModelForCausalLM.from_pretrained(spec.pretrained_path, local_files_only=True)
         model_vocab = network.get_input_embeddings().num_embeddings
-        positions = getattr(network.config, 'max_position_embeddings', None) or getattr(network.config, 'n_positions', None)
+        positions = (getattr(network.config, 'max_position_embeddings', None)
+                     or getattr(network.config, 'n_positions', None))
         if model_vocab < vocab_size or (positions is not None and positions < seq_len):
             raise ConfigError(f"config key 'model.pretrained_path': {spec.pretrained_path} has {model_vocab} token "
                               f"embeddings and {positions} positions; the data needs token ids below {vocab_size} "

@@ -2,8 +2,9 @@
 
 Each check draws every domain's M chunk-mean gradients from a Gaussian model with a known mean gradient
 and noise, hands them to PiKE in place of its probe (the Composer algorithm itself, with the product
-defaults, over a simulated mixture), and follows the weights. The sizes are the demo's: batch b = 32, probes of 32 samples (M = 8 chunks of 4), noise scale
-sigma^2/G = 200 samples (G-hat's relative standard deviation per probe is about 1.5: a coin toss).
+defaults, over a simulated mixture), and follows the weights. The sizes are the demo's: batch b = 32,
+probes of 32 samples (M = 8 chunks of 4), noise scale sigma^2/G = 200 samples (G-hat's relative standard
+deviation per probe is about 1.5: a coin toss).
 
 The legacy rule (zetas re-calibrated at every check so the largest score is 0.3 nats) runs on the same
 probes as a power check: it wanders on noise, and the bounds below fail it.

@@ -59,7 +59,8 @@ def test_readme_plain_composer_example_runs(manifest, tmp_path, algorithm):
     code = code.replace(MANIFEST_PLACEHOLDER, repr(str(manifest)))
     if algorithm == 'loss_slope':  # what the import line's comment offers instead
         code = code.replace('import PiKE', 'import LossSlope').replace(PIKE_CALL, 'LossSlope(check_interval=20)')
-    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=840)  # inside the 900 s per-test limit
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=840)  # inside the 900 s per-test limit
     assert done.returncode == 0, done.stderr[-4000:]
     result = RESULT.search(done.stdout)
     assert result is not None, done.stdout[-2000:]

@@ -25,7 +25,8 @@ Modules, each importing only those above it: :mod:`.manifest`, :mod:`.shared_mem
 from composer_pike.data.dataset import MixtureDataset, collate_samples
 from composer_pike.data.evaluation import DomainSplit, build_domain_eval_loader
 from composer_pike.data.loader import MixtureDataLoader, build_mixture_dataloader, loader_lookahead
-from composer_pike.data.manifest import MANIFEST_NAME, DomainSource, manifest_sources, read_manifest, sources_from_manifest
+from composer_pike.data.manifest import (MANIFEST_NAME, DomainSource, manifest_sources, read_manifest,
+                                         sources_from_manifest)
 from composer_pike.data.prefetch import ShardPrefetcher
 from composer_pike.data.sampler import MixtureBatchSampler
 from composer_pike.data.shared_memory import open_streaming_dataset
@@ -34,5 +35,5 @@ from composer_pike.data.tokens import TokenReader
 
 __all__ = ['MANIFEST_NAME', 'DomainSource', 'DomainSplit', 'MixtureBatchSampler', 'MixtureDataLoader', 'MixtureDataset',
            'ShardPrefetcher', 'TokenReader', 'VerifiedStream', 'build_domain_eval_loader', 'build_mixture_dataloader',
-           'collate_samples', 'loader_lookahead', 'manifest_sources', 'open_streaming_dataset', 'read_manifest', 'sources_from_manifest',
-           'verify_local_shards']
+           'collate_samples', 'loader_lookahead', 'manifest_sources', 'open_streaming_dataset', 'read_manifest',
+           'sources_from_manifest', 'verify_local_shards']

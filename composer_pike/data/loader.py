@@ -26,8 +26,9 @@ class MixtureDataLoader(DataLoader):
 
     When the mixture ends (``on_exhausted='stop'``, or ``'drop'`` once no domain of positive weight is
     left), the pass that yielded its last batch ends and the Composer Trainer iterating the loader
-    (plain Composer, llm-foundry, ``composer_pike.train``) is told to stop (``State.stop_training``): training ends cleanly at the last batch, whoever built
-    the Trainer and whatever callbacks it has, instead of starting empty epochs for ever. A caller
+    (plain Composer, llm-foundry, ``composer_pike.train``) is told to stop (``State.stop_training``):
+    training ends cleanly at the last batch, whoever built the Trainer and whatever callbacks it has,
+    instead of starting empty epochs for ever. A caller
     that is not a Trainer sees one empty pass, and a second one raises :data:`ENDED_BUT_ASKED_AGAIN`.
     """
 

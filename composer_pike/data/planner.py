@@ -82,8 +82,8 @@ class MixturePlanner:
             ``'round_robin'`` (whole batches from each active domain in turn).
         on_exhausted: what happens when a domain has been read once: ``'repeat'`` (start its next
             pass, reshuffled), ``'drop'`` (the domain becomes inactive and the others are
-            renormalised; planning ends when no domain of positive weight is left) or ``'stop'`` (planning ends before the first batch that would need a
-            second pass of any domain).
+            renormalised; planning ends when no domain of positive weight is left) or ``'stop'``
+            (planning ends before the first batch that would need a second pass of any domain).
         seed: shuffling and random-batching seed.
         shard_sizes: samples per shard for each domain; used for locality-preserving shuffles.
         shuffle: shuffle each domain's pass (otherwise read in storage order).
@@ -215,11 +215,11 @@ class MixturePlanner:
         domains, indices = [], []
         owed = self._take(counts, domains, indices)
         while owed > 0:  # a domain was dropped mid-batch: the others fill its place
-            if not self.active_weights(self.step).any():  # none left, or only domains of weight 0
+            weights = self.active_weights(self.step)
+            if not weights.any():  # none left, or only domains of weight 0
                 self.finished = True
                 return None
-            top_up = apportion(self.active_weights(self.step), owed) if self.batching == 'mix' else \
-                self._whole_batch_counts(owed)
+            top_up = apportion(weights, owed) if self.batching == 'mix' else self._whole_batch_counts(owed)
             owed = self._take(top_up, domains, indices)
         self.step += 1
         domain_ids = np.concatenate(domains)
