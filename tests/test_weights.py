@@ -21,6 +21,7 @@ from composer_pike.weights import (
     balanced_coefficients,
     descent_bound_coefficients,
     epoch_cap_upper_bounds,
+    kkt_update,
     kkt_weights,
     mirror_descent_scores,
     pike_scores,
@@ -169,6 +170,47 @@ def test_kkt_validation():
         kkt_weights([1.0, 2.0], [1.0, 1.0], lr=1.0, batch_size=4, gamma=0.0)
     with pytest.raises(ValueError, match="lr"):
         kkt_weights([1.0, 2.0], [1.0, 1.0], lr=0.0, batch_size=4)
+
+
+def test_kkt_update_is_the_projected_minimiser_and_not_cumulative():
+    """One conceptual-PiKE check: kkt_weights projected onto [floor, cap]; the scores are the log change,
+    and the result does not depend on where the weights were (unlike Algorithm 1)."""
+    grad, variance = np.array([1.0, 0.5, 0.2, 0.01]), np.array([40.0, 10.0, 2.0, 1.0])
+    kwargs = dict(lr=0.5, batch_size=32, smoothness=1.0, min_weight=0.1, max_weight=0.6)
+    optimum = kkt_weights(grad, variance, lr=0.5, batch_size=32)
+    expected = project_to_bounds(optimum, 0.1, 0.6)
+    assert optimum[3] < 0.1  # the floor binds on the last domain
+    for start in (np.full(4, 0.25), np.array([0.7, 0.1, 0.1, 0.1])):
+        step = kkt_update(np.log(start), grad, variance, **kwargs)
+        assert not step.skipped and step.reason == ""
+        np.testing.assert_allclose(step.weights, expected, rtol=1e-12)
+        np.testing.assert_allclose(step.log_weights, np.log(expected), rtol=1e-12)
+        np.testing.assert_allclose(step.scores, np.log(expected) - np.log(start), rtol=1e-12)
+
+
+def test_kkt_update_inactive_domains_cap_below_floor_and_fallback():
+    grad, variance = np.array([1.0, 0.5, 0.3]), np.array([4.0, 1.0, 1.0])
+    active = np.array([True, True, False])
+    start = np.array([np.log(0.5), np.log(0.5), -np.inf])
+    step = kkt_update(start, grad, variance, lr=0.5, batch_size=8, smoothness=1.0, active=active, min_weight=0.3,
+                      max_weight=np.array([0.2, 1.0, 1.0]))
+    np.testing.assert_allclose(step.weights, [0.2, 0.8, 0.0])  # the cap (data availability) wins over the floor
+    assert step.log_weights[2] == -np.inf and step.scores[2] == 0.0
+    no_signal = kkt_update(np.log([0.6, 0.4]), np.zeros(2), np.ones(2), lr=0.5, batch_size=8, smoothness=1.0,
+                           min_weight=0.1)
+    np.testing.assert_allclose(no_signal.weights, [0.6, 0.4])  # no G > 0: the current weights stand
+
+
+@pytest.mark.parametrize("lr, smoothness, reason", [(0.0, 1.0, "no step at learning rate 0.0"),
+                                                     (0.5, 0.0, "no positive gradient to follow")])
+def test_kkt_update_skips_without_a_step_or_curvature(lr, smoothness, reason):
+    """Warmup from lr 0, or smoothness 0: the check is skipped; the weights are only projected."""
+    start = np.log(np.array([0.96, 0.02, 0.02]))
+    step = kkt_update(start, [1.0, 0.5, 0.2], [4.0, 1.0, 1.0], lr=lr, batch_size=8, smoothness=smoothness,
+                      min_weight=0.05)
+    assert step.skipped and reason in step.reason
+    np.testing.assert_array_equal(step.scores, 0.0)
+    np.testing.assert_allclose(step.weights, project_to_bounds(np.exp(start), 0.05, 1.0))
 
 
 def test_kkt_large_k_sums_to_one():

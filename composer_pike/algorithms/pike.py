@@ -37,9 +37,8 @@ from composer_pike.weights import (
     auto_zeta_ratio,
     balanced_coefficients,
     evidence_scores,
-    kkt_weights,
+    kkt_update,
     pike_update,
-    project_to_bounds,
 )
 
 log = logging.getLogger(__name__)
@@ -367,7 +366,14 @@ class PiKE(Algorithm):
                                loss_weights=loss_weights, active=mask, score_clip=self.score_clip,
                                min_weight=floor, max_weight=cap), extra
         if self.update == 'kkt':
-            return self._kkt_step(state, grad, variance, weights, mask, floor, cap, rho), extra
+            lr = float(state.optimizers[0].param_groups[0]['lr'])
+            if self.smoothness != 'auto':
+                smoothness = float(self.smoothness)
+            else:  # L eta / beta = zeta_ratio; a learning rate of 0 takes no step (kkt_update skips)
+                smoothness = rho * self.beta / lr if lr > 0 else 0.0
+            return kkt_update(current, grad, variance, lr=lr, batch_size=batch_size, smoothness=smoothness,
+                              beta=self.beta, gamma=self.gamma, active=mask, score_clip=self.score_clip,
+                              min_weight=floor, max_weight=cap), extra
         alignment = {'inner_products': pooled.inner_products, 'inner_product_var': pooled.inner_product_var} \
             if self.alignment else {}
         evidence = evidence_scores(
@@ -381,25 +387,6 @@ class PiKE(Algorithm):
             extra.update(alignment=evidence.alignment, alignment_se=evidence.alignment_se)
         return apply_scores(current, evidence.scores, active=mask, score_clip=self.score_clip, min_weight=floor,
                             max_weight=cap, reason=evidence.reason), extra
-
-    def _kkt_step(self, state: State, grad: np.ndarray, variance: np.ndarray, weights: np.ndarray,
-                  mask: np.ndarray, floor: float, cap: float | np.ndarray, rho: float) -> PikeStep:
-        """Conceptual PiKE: the bound's exact minimiser at the current learning rate, floored and capped."""
-        lr = float(state.optimizers[0].param_groups[0]['lr'])
-        if not lr > 0:
-            return self._skip(state, mask, f'no step at learning rate {lr}')
-        smoothness = rho * self.beta / lr if self.smoothness == 'auto' else float(self.smoothness)
-        if not smoothness > 0:
-            return self._skip(state, mask, 'no positive gradient to follow (smoothness 0)')
-        optimum = kkt_weights(grad, variance, lr=lr, batch_size=self.mixture.planner.global_batch_size,
-                              smoothness=smoothness, beta=self.beta, gamma=self.gamma, previous=weights, active=mask)
-        cap_vector = np.broadcast_to(np.asarray(cap, dtype=np.float64), optimum.shape)
-        projected = project_to_bounds(optimum, np.minimum(floor, cap_vector), cap_vector, active=mask)
-        with np.errstate(divide='ignore'):
-            log_weights = np.where(mask, np.log(projected), -np.inf)
-        with np.errstate(invalid='ignore'):
-            change = np.where(mask, log_weights - self.log_weights, 0.0)
-        return PikeStep(log_weights, projected, change, False, '')
 
     def _skip(self, state: State, mask: np.ndarray, reason: str) -> PikeStep:
         """No update: the current weights, only renormalised and projected."""

@@ -6,8 +6,8 @@ its gradient covariance (unit: one training sample = one packed sequence), ``b``
 training batch size in samples, ``eta`` the learning rate, ``L`` the smoothness constant.
 One concern a module:
 
-* ``conceptual``: the descent bound's coefficients (s.3) and its exact minimiser over the simplex
-  (s.4, :func:`kkt_weights`), conceptual PiKE.
+* ``conceptual``: the descent bound's coefficients (s.3), its exact minimiser over the simplex
+  (s.4, :func:`kkt_weights`) and one check of conceptual PiKE (:func:`kkt_update`).
 * ``pike``: Algorithm 1 (s.5, s.6), ``log w_k += clip(zeta1*y_k*G_k - zeta2*sigma2_k/(2b))`` with
   ``y = 1`` for PiKE and ``y = K*softmax(tau*L_k)`` for Balanced-PiKE (:func:`pike_update`), and the
   full mirror-descent score for checking the ``gamma = 0`` reduction.
@@ -25,7 +25,7 @@ Nothing here imports torch or Composer: the algorithms import this package, neve
 """
 
 from composer_pike.weights.budget import apportion, epoch_cap_upper_bounds
-from composer_pike.weights.conceptual import descent_bound_coefficients, kkt_weights
+from composer_pike.weights.conceptual import descent_bound_coefficients, kkt_update, kkt_weights
 from composer_pike.weights.elasticity import elasticity_scores
 from composer_pike.weights.evidence import (EvidenceScores, alignment_terms, auto_zeta_ratio, evidence_scores,
                                             precision_shares)
@@ -34,5 +34,5 @@ from composer_pike.weights.steps import PikeStep, apply_scores, default_min_weig
 
 __all__ = ['EvidenceScores', 'PikeStep', 'alignment_terms', 'apply_scores', 'apportion', 'auto_zeta_ratio',
            'balanced_coefficients', 'default_min_weight', 'descent_bound_coefficients', 'elasticity_scores',
-           'epoch_cap_upper_bounds', 'evidence_scores', 'kkt_weights', 'mirror_descent_scores', 'pike_scores',
-           'pike_update', 'precision_shares', 'project_to_bounds']
+           'epoch_cap_upper_bounds', 'evidence_scores', 'kkt_update', 'kkt_weights', 'mirror_descent_scores',
+           'pike_scores', 'pike_update', 'precision_shares', 'project_to_bounds']

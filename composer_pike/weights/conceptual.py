@@ -1,6 +1,7 @@
 """Conceptual PiKE (PIKE_MATH.md s.3, s.4): the one-step descent bound's coefficients
-``lambda_k = -eta*beta*G_k + L*eta^2*sigma2_k/(2b)``, ``kappa_k = L*eta^2*gamma*G_k``, and its exact
-minimiser over the simplex, ``sum_k w_k*lambda_k + kappa_k*w_k^2/2``, by a sorted-threshold solve.
+``lambda_k = -eta*beta*G_k + L*eta^2*sigma2_k/(2b)``, ``kappa_k = L*eta^2*gamma*G_k``, its exact
+minimiser over the simplex, ``sum_k w_k*lambda_k + kappa_k*w_k^2/2``, by a sorted-threshold solve, and
+one check of conceptual PiKE (that minimiser projected onto the floor and cap, :func:`kkt_update`).
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from composer_pike.weights._checks import (FloatArray, _active_mask, _non_negative, _positive, _require_finite,
-                                           _statistics, _vector)
+from composer_pike.weights._checks import (FloatArray, _active_mask, _non_negative, _per_domain, _positive,
+                                           _require_finite, _statistics, _vector)
+from composer_pike.weights.steps import PikeStep, apply_scores, project_to_bounds
 
 
 def descent_bound_coefficients(
@@ -98,6 +100,49 @@ def kkt_weights(
     weights = np.zeros(num_domains)
     weights[support] = np.maximum(0.0, (target - multiplier) * inverse_curvature)
     return weights
+
+
+def kkt_update(
+    log_weights: ArrayLike,
+    grad_sq_norms: ArrayLike,
+    per_sample_variances: ArrayLike,
+    *,
+    lr: float,
+    batch_size: float,
+    smoothness: float,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    active: ArrayLike | None = None,
+    score_clip: float = 1.0,
+    min_weight: ArrayLike,
+    max_weight: ArrayLike = 1.0,
+) -> PikeStep:
+    """One check of conceptual PiKE: :func:`kkt_weights` at learning rate ``lr``, projected onto
+    ``[min(min_weight, max_weight), max_weight]``.
+
+    Unlike Algorithm 1 the result does not depend on the current weights (except as the fallback when
+    no active domain has ``G_k > 0``); ``scores`` holds the change of log-weight. A learning rate or
+    smoothness that is not positive (warmup from 0, a bound with no curvature) skips the check: the
+    current weights, renormalised and projected (``score_clip`` applies to that path only).
+    """
+    current = _vector("log_weights", log_weights)
+    mask = _active_mask(active, current.size)
+    reason = (f"no step at learning rate {lr}" if not lr > 0
+              else "no positive gradient to follow (smoothness 0)" if not smoothness > 0 else "")
+    if reason:
+        return apply_scores(current, np.zeros(current.size), active=mask, score_clip=score_clip,
+                            min_weight=min_weight, max_weight=max_weight, reason=reason)
+    with np.errstate(divide="ignore"):
+        weights = np.where(mask, np.exp(current), 0.0)
+    optimum = kkt_weights(grad_sq_norms, per_sample_variances, lr=lr, batch_size=batch_size, smoothness=smoothness,
+                          beta=beta, gamma=gamma, previous=weights, active=mask)
+    cap = _per_domain("max_weight", max_weight, current.size)
+    floor = np.minimum(_per_domain("min_weight", min_weight, current.size), cap)
+    projected = project_to_bounds(optimum, floor, cap, active=mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        new_log_weights = np.where(mask, np.log(projected), -np.inf)
+        change = np.where(mask, new_log_weights - current, 0.0)
+    return PikeStep(new_log_weights, projected, change, False, "")
 
 
 def _fallback_weights(previous: ArrayLike | None, mask: NDArray[np.bool_]) -> FloatArray:
