@@ -12,8 +12,8 @@ training seed (model, data order and probe order; default the yaml's), and ``PIK
 adds space-separated ``key=value`` overrides (e.g. ``mixing.pike.alignment=true``) to test a
 candidate rule on the same known answers. Each run prints them.
 
-Corpora are built from Python's own standard-library source (as :mod:`streaming_prep.demo` does),
-files assigned to domains by a seeded random draw:
+Corpora are :mod:`streaming_prep.known_answers`' (``python -m streaming_prep.known_answers KIND``), built
+from Python's own standard-library source, files assigned to domains by a seeded random draw:
 
 - null: one corpus split at random into 4 domains; every weight must stay within ``NULL_BOUND``
   nats of 1/4 at every check.
@@ -28,21 +28,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
-import string
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-import prep_helpers
 from test_known_answers import DUPLICATE_BOUND, NULL_BOUND, log_spread
 
 from composer_pike.demo import read_metrics, run_training
 from composer_pike.weights import default_min_weight
-from streaming_prep.demo import _header_sources, _pydoc_sources, _stdlib_sources
+from streaming_prep.known_answers import build_corpus
 
 # Each test trains 300 steps (about 1.5 min idle); under load one took 845 s, near pytest's 900 s default.
 pytestmark = pytest.mark.timeout(3600)
@@ -55,11 +51,6 @@ SEQ_LEN = 128  # the demo corpus's (composer_pike.demo --seq-len default)
 STEPS = 300
 POLICIES = ('pike', 'loss_slope')  # the adaptive policies; each logs <policy>/weight/<domain> at every check
 MIN_CHECKS = 11  # PiKE's, before batches 25, 50, ..., 275 (loss-slope's: after 25, ..., 300)
-DOMAIN_BYTES = 1 << 20  # UTF-8 text per domain: no domain repeats within STEPS at these weights
-MAX_DOCUMENT_BYTES = 64 << 10  # leave out the few huge stdlib files, so a random draw mixes the domains well
-MIN_DOCUMENT_BYTES = 512  # and the near-empty ones (__init__.py), so every val split holds a full sample
-RANDOM_DOCUMENT_CHARS = 16 << 10
-VAL_FRACTION = 0.02
 SEED_OVERRIDE = [f'seed={os.environ["PIKE_E2E_SEED"]}'] if os.environ.get('PIKE_E2E_SEED') else []
 STUDY_OVERRIDES = SEED_OVERRIDE + os.environ.get('PIKE_E2E_OVERRIDES', '').split()  # checked by the yaml schema
 
@@ -67,90 +58,25 @@ STUDY_OVERRIDES = SEED_OVERRIDE + os.environ.get('PIKE_E2E_OVERRIDES', '').split
 # ----------------------------------------------------------------------------------------- corpora
 
 
-def write_jsonl(path: Path, texts: list[str]) -> str:
-    with open(path, 'w', encoding='utf-8') as f:
-        for text in texts:
-            f.write(json.dumps({'text': text}) + '\n')
-    return str(path)
-
-
-def random_split(documents: list[str], num_domains: int, seed: int, cap_bytes: int = DOMAIN_BYTES) -> list[list[str]]:
-    """Each document (in a seeded shuffled order) goes to a domain drawn uniformly at random, until every
-    domain holds ``cap_bytes`` of text (a document drawn for a full domain is left out)."""
-    rng = random.Random(seed)
-    order = list(documents)
-    rng.shuffle(order)
-    domains: list[list[str]] = [[] for _ in range(num_domains)]
-    sizes = [0] * num_domains
-    for text in order:
-        k = rng.randrange(num_domains)
-        if sizes[k] < cap_bytes:
-            domains[k].append(text)
-            sizes[k] += len(text.encode('utf-8'))
-        if min(sizes) >= cap_bytes:
-            break
-    assert min(sizes) >= cap_bytes, f'the standard library is too small for {num_domains} x {cap_bytes} bytes'
-    return domains
-
-
-def random_characters(total_bytes: int, seed: int) -> list[str]:
-    """Documents of characters drawn independently and uniformly from ``string.printable``."""
-    rng = random.Random(seed)
-    return [''.join(rng.choices(string.printable, k=RANDOM_DOCUMENT_CHARS))
-            for _ in range(-(-total_bytes // RANDOM_DOCUMENT_CHARS))]
-
-
-def pike_prep(inputs: dict[str, str], out: Path) -> dict:
-    """pike-prep with the demo's seq_len and this file's validation fraction; returns the manifest."""
-    return prep_helpers.pike_prep(inputs, out, seq_len=SEQ_LEN, val_fraction=VAL_FRACTION)
-
-
 @pytest.fixture(scope='module')
-def stdlib_documents() -> list[str]:
-    """The standard library's .py files (sorted path order, as in the demo) of 512 B to 64 KiB."""
-    return [text for _, text in _stdlib_sources()
-            if MIN_DOCUMENT_BYTES <= len(text.encode('utf-8')) <= MAX_DOCUMENT_BYTES]
-
-
-@pytest.fixture(scope='module')
-def null_corpus(tmp_path_factory, stdlib_documents) -> Path:
-    raw = tmp_path_factory.mktemp('null-raw')
-    parts = random_split(stdlib_documents, 4, seed=0)
-    inputs = {f'part{k}': write_jsonl(raw / f'part{k}.jsonl', texts) for k, texts in enumerate(parts)}
+def null_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('null') / 'data'
-    pike_prep(inputs, out)
+    build_corpus('null', out, seq_len=SEQ_LEN)
     return out
 
 
 @pytest.fixture(scope='module')
-def planted_corpus(tmp_path_factory, stdlib_documents) -> Path:
-    raw = tmp_path_factory.mktemp('planted-raw')
-    parts = random_split(stdlib_documents, 3, seed=1)
-    inputs = {f'third{k}': write_jsonl(raw / f'third{k}.jsonl', texts) for k, texts in enumerate(parts)}
-    inputs['random_chars'] = write_jsonl(raw / 'random_chars.jsonl', random_characters(DOMAIN_BYTES, seed=1))
+def planted_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('planted') / 'data'
-    pike_prep(inputs, out)
+    build_corpus('planted', out, seq_len=SEQ_LEN)
     return out
 
 
 @pytest.fixture(scope='module')
-def duplicate_corpus(tmp_path_factory, stdlib_documents) -> Path:
+def duplicate_corpus(tmp_path_factory) -> Path:
     """copy_a and copy_b: the same shards (copy_a's directory copied), beside C headers and pydoc topics."""
-    raw = tmp_path_factory.mktemp('duplicate-raw')
-    (stdlib,) = random_split(stdlib_documents, 1, seed=2)
-    inputs = {'copy_a': write_jsonl(raw / 'copy_a.jsonl', stdlib),
-              'c_headers': write_jsonl(raw / 'c_headers.jsonl', [t for _, t in _header_sources() if t.strip()]),
-              'pydoc_topics': write_jsonl(raw / 'pydoc_topics.jsonl', [t for _, t in _pydoc_sources() if t.strip()])}
     out = tmp_path_factory.mktemp('duplicate') / 'data'
-    manifest = pike_prep(inputs, out)
-    shutil.copytree(out / 'copy_a', out / 'copy_b')
-    copy_b = json.loads(json.dumps(manifest['domains']['copy_a']))
-    for split in copy_b['splits'].values():
-        split['path'] = split['path'].replace('copy_a/', 'copy_b/', 1)
-    domains = manifest['domains']
-    manifest['domains'] = {'copy_a': domains['copy_a'], 'copy_b': copy_b,
-                           **{name: info for name, info in domains.items() if name != 'copy_a'}}
-    (out / 'manifest.json').write_text(json.dumps(manifest, indent=1))
+    build_corpus('duplicates', out, seq_len=SEQ_LEN)
     return out
 
 

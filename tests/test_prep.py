@@ -22,6 +22,7 @@ from streaming_prep import MANIFEST_FORMAT, PrepError, prepare
 from streaming_prep.cli import main
 from streaming_prep.demo import DEMO_DOMAINS, build_demo_corpus
 from streaming_prep.demo import main as demo_main
+from streaming_prep.known_answers import main as known_answers_main
 from streaming_prep.tokenizers import ByteTokenizer
 from streaming_prep.writer import PackedMDSWriter, mds_columns
 
@@ -528,3 +529,24 @@ def test_demo_corpus_builds_domains_of_different_sizes(tmp_path: Path, capsys):
     assert len(set(sizes)) == len(sizes)
     assert max(sizes) > 3 * min(sizes)
     assert all(entry["splits"]["train"]["samples"] > 0 for entry in manifest["domains"].values())
+
+
+def test_known_answer_corpora_cli(tmp_path, capsys):
+    """The duplicates corpus through the CLI: copy_b is copy_a"s shards under a second name, listed
+    second; an unknown kind is refused by argparse."""
+    out = tmp_path / "dup"
+    assert known_answers_main(["duplicates", "--out", str(out), "--seq-len", "256"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["domains"]) == ["copy_a", "copy_b", "c_headers", "pydoc_topics"]
+    a, b = manifest["domains"]["copy_a"], manifest["domains"]["copy_b"]
+    assert b["splits"]["train"]["path"] == "copy_b/train" and a["splits"]["train"]["samples"] > 0
+    assert {k: v for k, v in a["splits"]["train"].items() if k != "path"} == \
+        {k: v for k, v in b["splits"]["train"].items() if k != "path"}
+    for split in ("train", "val"):
+        files = sorted(p.name for p in (out / "copy_a" / split).iterdir())
+        assert files == sorted(p.name for p in (out / "copy_b" / split).iterdir())
+        assert all((out / "copy_a" / split / f).read_bytes() == (out / "copy_b" / split / f).read_bytes()
+                   for f in files)
+    assert f"wrote {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        known_answers_main(["everything", "--out", str(tmp_path / "x")])

@@ -1,14 +1,17 @@
-"""Property tests for streaming_prep's pure functions: split, packing, decode policy, message safety."""
+"""Property tests for streaming_prep's pure functions: split, packing, decode policy, message safety,
+the known-answer corpora's draws."""
 
 from __future__ import annotations
 
 import codecs
+import string
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streaming_prep import known_answers
 from streaming_prep.errors import PrepError, redact, safe_line, secret_values
 from streaming_prep.readers import DecodeStats, bom_encoding, decode_text
 from streaming_prep.writer import pack, split_is_val
@@ -118,3 +121,28 @@ def test_redact_removes_userinfo_and_environment_secrets(secret: str, before: st
 def test_safe_line_escapes_control_characters_and_undecodable_names():
     assert safe_line("a\nb\tc\x1b\udce9 \u00fc") == "a\\nb\\tc\\x1b\\udce9 \u00fc"
     assert str(PrepError("bad", domain="d\nx", file="/tmp/a\nb.txt")) == "domain 'd\\nx': /tmp/a\\nb.txt: bad"
+
+
+# ---------------------------------------------------------------------------- known-answer corpora
+
+
+def test_known_answer_random_split_is_seeded_disjoint_and_fills_every_domain():
+    documents = [f"doc{i} " + "x" * (i % 50) for i in range(400)]
+    parts = known_answers.random_split(documents, 3, seed=1, cap_bytes=1000)
+    assert parts == known_answers.random_split(documents, 3, seed=1, cap_bytes=1000)
+    assert parts != known_answers.random_split(documents, 3, seed=2, cap_bytes=1000)
+    flat = [text for part in parts for text in part]
+    assert len(flat) == len(set(flat)) and set(flat) <= set(documents)
+    for part in parts:  # full, and over the cap by less than its last document
+        size = sum(len(text) for text in part)
+        assert 1000 <= size < 1000 + len(part[-1])
+    with pytest.raises(PrepError, match="too small for 3 domains of 100000 bytes"):
+        known_answers.random_split(documents, 3, seed=1, cap_bytes=100_000)
+
+
+def test_known_answer_random_characters_are_printable_and_sized():
+    texts = known_answers.random_characters(40_000, seed=1)
+    assert texts == known_answers.random_characters(40_000, seed=1)
+    assert len(texts) == 3 and {len(t) for t in texts} == {known_answers.RANDOM_DOCUMENT_CHARS}
+    assert set("".join(texts)) == set(string.printable)
+
