@@ -60,7 +60,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from streaming_prep.demo import MB, _stdlib_sources, print_summary
+from streaming_prep.demo import MB, _stdlib_sources, build_and_report
 from streaming_prep.errors import PrepError
 from streaming_prep.pipeline import prepare
 from streaming_prep.readers import file_sha256
@@ -290,14 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="MB of UTF-8 text per domain at most (0: no cap)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
-    try:
-        manifest = build_corpus(args.out, args.cache, seq_len=args.seq_len,
-                                max_mb_per_domain=args.max_mb_per_domain, overwrite=args.overwrite)
-    except PrepError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    print_summary(manifest, args.out)
-    return 0
+    return build_and_report(parser.prog, args.out, lambda: build_corpus(
+        args.out, args.cache, seq_len=args.seq_len, max_mb_per_domain=args.max_mb_per_domain,
+        overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import os
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from streaming_prep.errors import PrepError
@@ -106,13 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output location")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pike-demo-raw-") as temporary:
-        try:
-            domains = build_demo_corpus(args.raw_dir or temporary, args.max_mb_per_domain)
-            manifest = prepare(domains, args.out, seq_len=args.seq_len, workers=args.workers, overwrite=args.overwrite)
-        except PrepError as err:
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
-            return 2
-    print_summary(manifest, args.out)
+        return build_and_report(parser.prog, args.out, lambda: prepare(
+            build_demo_corpus(args.raw_dir or temporary, args.max_mb_per_domain), args.out, seq_len=args.seq_len,
+            workers=args.workers, overwrite=args.overwrite))
+
+
+def build_and_report(prog: str, out: str, build: Callable[[], dict]) -> int:
+    """A corpus CLI's ending: ``build()``'s manifest summarised (exit 0), or its PrepError as one line (exit 2)."""
+    try:
+        manifest = build()
+    except PrepError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    print_summary(manifest, out)
     return 0
 
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from streaming_prep.demo import _header_sources, _pydoc_sources, _stdlib_sources, print_summary
+from streaming_prep.demo import _header_sources, _pydoc_sources, _stdlib_sources, build_and_report
 from streaming_prep.errors import PrepError
 from streaming_prep.pipeline import MANIFEST_NAME, prepare
 
@@ -135,14 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="each domain's share of documents in the val split (default: %(default)s)")
     parser.add_argument("--raw-dir", help="keep the raw .jsonl files here (default: a temporary directory)")
     args = parser.parse_args(argv)
-    try:
-        manifest = build_corpus(args.kind, Path(args.out), seq_len=args.seq_len, val_fraction=args.val_fraction,
-                                raw_dir=Path(args.raw_dir) if args.raw_dir else None)
-    except PrepError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    print_summary(manifest, args.out)
-    return 0
+    return build_and_report(parser.prog, args.out, lambda: build_corpus(
+        args.kind, Path(args.out), seq_len=args.seq_len, val_fraction=args.val_fraction,
+        raw_dir=Path(args.raw_dir) if args.raw_dir else None))
 
 
 if __name__ == "__main__":
