@@ -7,14 +7,18 @@ from hypothesis import strategies as st
 from composer_pike.data.planner import MixturePlanner, shard_block_order
 
 
-def largest_remainder_oracle(weights, total):
-    """Textbook Hamilton apportionment, written independently of composer_pike.weights."""
-    quotas = [w / sum(weights) * total for w in weights]
-    counts = [int(np.floor(q)) for q in quotas]
-    by_remainder = sorted(range(len(weights)), key=lambda k: (-(quotas[k] - counts[k]), k))
-    for k in by_remainder[:total - sum(counts)]:
-        counts[k] += 1
-    return counts
+def assert_largest_remainder(counts, weights, total, tol=1e-9):
+    """Hamilton apportionment, checked from its definition (independently of composer_pike.weights): the
+    counts sum to ``total``, each is its quota rounded down or up, and every domain rounded up has a
+    fractional part at least as large as every domain rounded down. ``tol`` absorbs float rounding, under
+    which quotas that tie (weights 1.0 and 0.9999999999999999) may be ordered either way."""
+    counts = np.asarray(counts)
+    quotas = np.asarray(weights, dtype=np.float64) / sum(weights) * total
+    assert counts.sum() == total
+    assert (np.abs(counts - quotas) < 1 + tol).all(), (counts.tolist(), quotas.tolist())
+    up, down = counts > quotas + tol, counts < quotas - tol
+    if up.any() and down.any():  # fractional parts: q - (c - 1) where rounded up, q - c where rounded down
+        assert (quotas - counts + 1)[up].min() >= (quotas - counts)[down].max() - tol, (counts.tolist(), quotas.tolist())
 
 
 def planned_counts(batch, num_domains):
@@ -26,7 +30,18 @@ def planned_counts(batch, num_domains):
 def test_mix_counts_match_largest_remainder(weights, batch):
     planner = MixturePlanner([1000] * len(weights), batch, weights=weights, min_per_domain=0)
     counts = planned_counts(planner.plan_next(), len(weights))
-    assert counts.tolist() == largest_remainder_oracle(weights, batch)
+    assert_largest_remainder(counts, weights, batch)
+
+
+def test_largest_remainder_check_catches_a_wrong_apportionment():
+    """The check above fails a count that rounds a smaller fractional part up (its power)."""
+    assert_largest_remainder([1, 1, 2], [1.0, 1.0, 1.0], 4)  # a three-way tie: any order is right
+    assert_largest_remainder([2, 1, 1], [1.4, 1.2, 1.4], 4)  # quotas 1.4, 1.2, 1.4: either 1.4 goes up
+    assert_largest_remainder([1, 1, 2], [1.4, 1.2, 1.4], 4)
+    with pytest.raises(AssertionError):
+        assert_largest_remainder([1, 2, 1], [1.4, 1.2, 1.4], 4)  # ... never the 1.2
+    with pytest.raises(AssertionError):
+        assert_largest_remainder([3, 0, 1], [1.0, 1.0, 1.0], 4)  # off by more than one
 
 
 def test_mix_gives_every_active_domain_a_sample_when_possible():
