@@ -372,8 +372,7 @@ class PiKE(Algorithm):
             else:  # L eta / beta = zeta_ratio; a learning rate of 0 takes no step (kkt_update skips)
                 smoothness = rho * self.beta / lr if lr > 0 else 0.0
             return kkt_update(current, grad, variance, lr=lr, batch_size=batch_size, smoothness=smoothness,
-                              beta=self.beta, gamma=self.gamma, active=mask, score_clip=self.score_clip,
-                              min_weight=floor, max_weight=cap), extra
+                              beta=self.beta, gamma=self.gamma, active=mask, min_weight=floor, max_weight=cap), extra
         alignment = {'inner_products': pooled.inner_products, 'inner_product_var': pooled.inner_product_var} \
             if self.alignment else {}
         evidence = evidence_scores(

@@ -113,7 +113,6 @@ def kkt_update(
     beta: float = 1.0,
     gamma: float = 1.0,
     active: ArrayLike | None = None,
-    score_clip: float = 1.0,
     min_weight: ArrayLike,
     max_weight: ArrayLike = 1.0,
 ) -> PikeStep:
@@ -123,15 +122,15 @@ def kkt_update(
     Unlike Algorithm 1 the result does not depend on the current weights (except as the fallback when
     no active domain has ``G_k > 0``); ``scores`` holds the change of log-weight. A learning rate or
     smoothness that is not positive (warmup from 0, a bound with no curvature) skips the check: the
-    current weights, renormalised and projected (``score_clip`` applies to that path only).
+    current weights, renormalised and projected.
     """
     current = _vector("log_weights", log_weights)
     mask = _active_mask(active, current.size)
     reason = (f"no step at learning rate {lr}" if not lr > 0
               else "no positive gradient to follow (smoothness 0)" if not smoothness > 0 else "")
     if reason:
-        return apply_scores(current, np.zeros(current.size), active=mask, score_clip=score_clip,
-                            min_weight=min_weight, max_weight=max_weight, reason=reason)
+        return apply_scores(current, np.zeros(current.size), active=mask, min_weight=min_weight,
+                            max_weight=max_weight, reason=reason)
     with np.errstate(divide="ignore"):
         weights = np.where(mask, np.exp(current), 0.0)
     optimum = kkt_weights(grad_sq_norms, per_sample_variances, lr=lr, batch_size=batch_size, smoothness=smoothness,
