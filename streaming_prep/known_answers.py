@@ -127,7 +127,8 @@ def _duplicate_copy_a(manifest: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streaming_prep.known_answers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m streaming_prep.known_answers",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=list(SPLIT_SEEDS), help="which known-answer corpus")
     parser.add_argument("--out", required=True, help="output directory for the MDS shards and manifest")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default: %(default)s)")

@@ -18,7 +18,8 @@ def assert_largest_remainder(counts, weights, total, tol=1e-9):
     assert (np.abs(counts - quotas) < 1 + tol).all(), (counts.tolist(), quotas.tolist())
     up, down = counts > quotas + tol, counts < quotas - tol
     if up.any() and down.any():  # fractional parts: q - (c - 1) where rounded up, q - c where rounded down
-        assert (quotas - counts + 1)[up].min() >= (quotas - counts)[down].max() - tol, (counts.tolist(), quotas.tolist())
+        rounded_up, rounded_down = (quotas - counts + 1)[up], (quotas - counts)[down]
+        assert rounded_up.min() >= rounded_down.max() - tol, (counts.tolist(), quotas.tolist())
 
 
 def planned_counts(batch, num_domains):

@@ -540,8 +540,6 @@ def test_known_answer_corpora_cli(tmp_path, capsys):
     assert list(manifest["domains"]) == ["copy_a", "copy_b", "c_headers", "pydoc_topics"]
     a, b = manifest["domains"]["copy_a"], manifest["domains"]["copy_b"]
     assert b["splits"]["train"]["path"] == "copy_b/train" and a["splits"]["train"]["samples"] > 0
-    assert {k: v for k, v in a["splits"]["train"].items() if k != "path"} == \
-        {k: v for k, v in b["splits"]["train"].items() if k != "path"}
     for split in ("train", "val"):
         files = sorted(p.name for p in (out / "copy_a" / split).iterdir())
         assert files == sorted(p.name for p in (out / "copy_b" / split).iterdir())
